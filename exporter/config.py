@@ -1,0 +1,377 @@
+"""Configuration: the YAML file of contract §2, validated into frozen values.
+
+Every error is a `ConfigError` naming the file, the key and what is wrong, so the CLI can print one
+line and exit 2. Unknown keys are errors: a typo must never pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+DEFAULT_FINAL_STATUSES = ("delivered", "undelivered", "failed", "received")
+DEFAULT_FINAL_BY_KIND: Mapping[str, tuple[str, ...]] = {"mms": ("sent",)}
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+_DURATION_RE = re.compile(
+    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
+)
+_DURATION_UNITS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for one line on stderr."""
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Prometheus-style duration (`500ms`, `30s`, `5m`, `2h`, `1d`, `1h30m`) to seconds."""
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    match = _DURATION_RE.match(text)
+    if not text or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration (use e.g. 500ms, 30s, 5m, 2h, 1d)")
+    return sum(int(g) * unit for g, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if g)
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration for whole milliseconds, for messages and the landing page."""
+    ms = round(seconds * 1000)
+    if ms == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms >= size:
+            parts.append(f"{ms // size}{unit}")
+            ms %= size
+    if ms:
+        parts.append(f"{ms}ms")
+    return "".join(parts)
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Replace `${VAR}` and `${VAR:-default}`; an unset variable without default is an error."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is not None and (value != "" or default is None):
+            return value
+        if default is not None:
+            return default
+        raise ValueError(f"environment variable {name} is not set (use ${{{name}:-default}})")
+
+    return _ENV_RE.sub(substitute, text)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """Parse `HOST:PORT`, `:PORT` (all interfaces) or `[IPv6]:PORT`."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:9797 or :9797)")
+    return ListenAddress(host or "0.0.0.0", int(port))
+
+
+def space_url(space: str) -> str:
+    """A space name, a host, or a URL with a scheme (used as is) -> the API's base URL."""
+    space = space.strip().rstrip("/")
+    if "://" in space:
+        return space
+    if "." in space or ":" in space:
+        return f"https://{space}"
+    if not re.match(r"^[A-Za-z0-9-]+$", space):
+        raise ValueError(f"{space!r} is not a space name, host or URL")
+    return f"https://{space}.signalwire.com"
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectConfig:
+    name: str
+    base_url: str
+    project_id: str
+    api_token: str = field(repr=False)
+    api_token_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SettleConfig:
+    timeout: float = 7200.0
+    final_statuses: frozenset[str] = frozenset(DEFAULT_FINAL_STATUSES)
+    final_statuses_by_kind: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: {k: frozenset(v) for k, v in DEFAULT_FINAL_BY_KIND.items()}
+    )
+
+    def is_final(self, kind: str, status: str) -> bool:
+        return status in self.final_statuses or status in self.final_statuses_by_kind.get(
+            kind, frozenset()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    projects: tuple[ProjectConfig, ...]
+    listen_address: ListenAddress = ListenAddress("0.0.0.0", 9797)
+    poll_interval: float = 30.0
+    state_path: str = "signalwire-exporter.db"
+    start_from: float = 0.0
+    failure_ratio_window: float = 900.0
+    settle: SettleConfig = field(default_factory=SettleConfig)
+    max_error_codes: int = 50
+    request_timeout: float = 10.0
+    page_size: int = 1000
+    source: str = "<config>"
+
+
+class _Reader:
+    """Walks the parsed YAML, expanding `${VAR}` and reporting errors with the key's path."""
+
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a mapping, got {_kind(value)}")
+        for name in value:
+            if name not in allowed:
+                hint = _closest(str(name), allowed)
+                raise self.error(
+                    _join(key, str(name)),
+                    "unknown key"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + f"; allowed: {', '.join(sorted(allowed))}",
+                )
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.error(key, f"must be a string, got {_kind(value)}")
+        try:
+            return expand_env(str(value), self.environ)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def convert(self, value: Any, key: str, parse: Callable[[str], T]) -> T:
+        text = self.string(value, key)
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def duration(self, value: Any, key: str, minimum: float = 0.0) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value != 0:
+            raise self.error(key, f"{value!r} has no unit (write e.g. {value}s)")
+        seconds = self.convert(value, key, parse_duration)
+        if seconds < minimum:
+            raise self.error(key, f"must be at least {format_duration(minimum)}")
+        return seconds
+
+    def integer(self, value: Any, key: str, low: int, high: int | None = None) -> int:
+        if isinstance(value, bool):
+            raise self.error(key, "must be an integer")
+        number = value if isinstance(value, int) else self.convert(value, key, _to_int)
+        if number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.error(key, f"must be {bound}, got {number}")
+        return number
+
+    def string_list(self, value: Any, key: str) -> frozenset[str]:
+        if not isinstance(value, list):
+            raise self.error(key, f"must be a list of statuses, got {_kind(value)}")
+        return frozenset(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _to_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _join(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _closest(name: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(name, sorted(allowed), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+_TOP_KEYS = {
+    "listen_address",
+    "poll_interval",
+    "state_path",
+    "start_from",
+    "failure_ratio_window",
+    "settle",
+    "limits",
+    "request",
+    "projects",
+}
+_PROJECT_KEYS = {"name", "space", "project_id", "api_token", "api_token_file"}
+
+
+def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate parsed YAML into a Config; raises ConfigError."""
+    r = _Reader(source, os.environ if environ is None else environ)
+    if data is None:
+        raise r.error("projects", "is required (the file is empty)")
+    top = r.mapping(data, "", _TOP_KEYS)
+    kwargs: dict[str, Any] = {"source": source}
+    if "listen_address" in top:
+        kwargs["listen_address"] = r.convert(
+            top["listen_address"], "listen_address", parse_listen_address
+        )
+    if "poll_interval" in top:
+        kwargs["poll_interval"] = r.duration(top["poll_interval"], "poll_interval", minimum=1.0)
+    if "state_path" in top:
+        state_path = r.string(top["state_path"], "state_path")
+        if not state_path:
+            raise r.error("state_path", "must not be empty")
+        kwargs["state_path"] = state_path
+    if "start_from" in top:
+        kwargs["start_from"] = r.duration(top["start_from"], "start_from")
+    if "failure_ratio_window" in top:
+        kwargs["failure_ratio_window"] = r.duration(
+            top["failure_ratio_window"], "failure_ratio_window", minimum=1.0
+        )
+    settle = r.mapping(
+        top.get("settle"), "settle", {"timeout", "final_statuses", "final_statuses_by_kind"}
+    )
+    settle_kwargs: dict[str, Any] = {}
+    if "timeout" in settle:
+        settle_kwargs["timeout"] = r.duration(settle["timeout"], "settle.timeout", minimum=1.0)
+    if "final_statuses" in settle:
+        settle_kwargs["final_statuses"] = r.string_list(
+            settle["final_statuses"], "settle.final_statuses"
+        )
+    if "final_statuses_by_kind" in settle:
+        by_kind = settle["final_statuses_by_kind"]
+        if not isinstance(by_kind, dict):
+            raise r.error("settle.final_statuses_by_kind", "must be a mapping of kind to statuses")
+        settle_kwargs["final_statuses_by_kind"] = {
+            str(k): r.string_list(v, f"settle.final_statuses_by_kind.{k}")
+            for k, v in by_kind.items()
+        }
+    kwargs["settle"] = SettleConfig(**settle_kwargs)
+    limits = r.mapping(top.get("limits"), "limits", {"max_error_codes"})
+    if "max_error_codes" in limits:
+        kwargs["max_error_codes"] = r.integer(
+            limits["max_error_codes"], "limits.max_error_codes", 1
+        )
+    request = r.mapping(top.get("request"), "request", {"timeout", "page_size"})
+    if "timeout" in request:
+        kwargs["request_timeout"] = r.duration(request["timeout"], "request.timeout", minimum=0.001)
+    if "page_size" in request:
+        kwargs["page_size"] = r.integer(request["page_size"], "request.page_size", 1, 1000)
+    kwargs["projects"] = _projects(r, top.get("projects"))
+    return Config(**kwargs)
+
+
+def _projects(r: _Reader, value: Any) -> tuple[ProjectConfig, ...]:
+    if value is None:
+        raise r.error("projects", "is required: list at least one project")
+    if not isinstance(value, list) or not value:
+        raise r.error("projects", "must be a non-empty list of projects")
+    projects: list[ProjectConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        key = f"projects[{i}]"
+        entry = r.mapping(item, key, _PROJECT_KEYS)
+        for required in ("name", "space", "project_id"):
+            if entry.get(required) in (None, ""):
+                raise r.error(f"{key}.{required}", "is required")
+        name = r.string(entry["name"], f"{key}.name")
+        if not NAME_RE.match(name):
+            raise r.error(f"{key}.name", f"{name!r} must match [a-z0-9_-]+")
+        if name in seen:
+            raise r.error(f"{key}.name", f"{name!r} is used by another project")
+        seen.add(name)
+        key = f"projects[{i}] ({name})"
+        base_url = r.convert(entry["space"], f"{key}.space", space_url)
+        project_id = r.string(entry["project_id"], f"{key}.project_id").strip()
+        if not project_id:
+            raise r.error(f"{key}.project_id", "is empty")
+        token, token_file = _token(r, entry, key)
+        projects.append(ProjectConfig(name, base_url, project_id, token, token_file))
+    return tuple(projects)
+
+
+def _token(r: _Reader, entry: dict[str, Any], key: str) -> tuple[str, str | None]:
+    has_inline = entry.get("api_token") not in (None, "")
+    has_file = entry.get("api_token_file") not in (None, "")
+    if has_inline and has_file:
+        raise r.error(key, "set api_token or api_token_file, not both")
+    if has_file:
+        path = r.string(entry["api_token_file"], f"{key}.api_token_file")
+        token = read_token_file(path)
+        if token is None:
+            raise r.error(f"{key}.api_token_file", f"cannot read {path}")
+        if not token:
+            raise r.error(f"{key}.api_token_file", f"{path} is empty")
+        return token, path
+    if not has_inline:
+        raise r.error(f"{key}.api_token", "is required (or api_token_file)")
+    token = r.string(entry["api_token"], f"{key}.api_token").strip()
+    if not token:
+        raise r.error(f"{key}.api_token", "is empty")
+    return token, None
+
+
+def read_token_file(path: str) -> str | None:
+    """The token in a file, stripped; None when unreadable (relative to the working directory)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration file; raises ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (pass --config.file PATH)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+    return parse_config(data, path, environ)

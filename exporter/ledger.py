@@ -1,0 +1,324 @@
+"""The counting rules of the contract (§3), as pure logic: no I/O, the time is always passed in.
+
+One poll of a project is one `Batch`:
+
+    plan = ledger.plan(now)                 # what to list and which pending messages to get by id
+    batch = ledger.begin(plan)
+    batch.observe(message, at) ...          # every record listed or fetched, duplicates too
+    batch.gone(message_id, at) ...          # a get-by-id answered 404
+    delta = batch.close(now)                # settlements, pending changes, the new cursor
+    store.commit(delta); ledger.apply(delta)
+
+Nothing changes in the ledger until `apply`, so a poll that fails half way (or a commit that fails)
+is simply dropped and the next poll starts from the same committed state: nothing is lost, and
+nothing is counted twice.
+
+Why the horizon: the API has no "changed since" filter, so a poll re-lists from a little before
+the cursor. A re-listed record that is neither pending nor among the recently settled ids and was
+created before the horizon has already been dealt with (or predates the start point), so it is
+ignored; the ids of messages settled after the horizon are kept, so re-listing them never counts
+them again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from exporter.config import SettleConfig
+from exporter.records import Message
+
+LabelKey = tuple[str, str, str, str]  # direction, kind, status, error_code
+WindowKey = tuple[int, str, str]  # settlement second, direction, kind
+FAILED_STATUSES = frozenset({"failed", "undelivered"})
+OTHER_ERROR_CODE = "other"
+
+# How long after a message's creation it may take to appear in a listing (ingestion delay and the
+# difference between our clock and SignalWire's). The cursor trails the listing start by this much.
+CURSOR_SAFETY = 60.0
+# created_after is second-precision and its inclusiveness is unconfirmed: list one second earlier.
+LISTING_SLACK = 1.0
+# A pending message older than the head listing is refreshed every age/REFRESH_AGE_DIVISOR seconds,
+# between one poll interval and MAX_REFRESH_INTERVAL: young messages change often, old ones rarely.
+REFRESH_AGE_DIVISOR = 8.0
+MAX_REFRESH_INTERVAL = 900.0
+# First-sighting counts per minute, kept this long, estimate the cost of re-listing a time range.
+HISTOGRAM_BUCKET = 60
+
+
+@dataclass(slots=True)
+class Totals:
+    messages: int = 0
+    segments: int = 0
+    charge_nano: int = 0
+
+    def add(self, other: Totals) -> None:
+        self.messages += other.messages
+        self.segments += other.segments
+        self.charge_nano += other.charge_nano
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A message seen but not yet settled: its latest record and when that was observed."""
+
+    message: Message
+    observed_at: float
+
+
+@dataclass
+class LedgerState:
+    """Everything a project's counting needs across restarts; the store persists exactly this."""
+
+    start_point: float
+    cursor: float
+    pending: dict[str, Pending] = field(default_factory=dict)
+    settled: dict[str, float] = field(default_factory=dict)  # id -> created_at, recent ones only
+    totals: dict[LabelKey, Totals] = field(default_factory=dict)
+    error_info: dict[str, str] = field(default_factory=dict)  # exported error_code -> message
+    window: dict[WindowKey, tuple[int, int]] = field(default_factory=dict)  # -> (settled, failed)
+
+    def error_codes(self) -> set[str]:
+        return {k[3] for k in self.totals if k[3] not in ("", OTHER_ERROR_CODE)}
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    settle: SettleConfig
+    poll_interval: float
+    failure_ratio_window: float
+    max_error_codes: int
+    page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    now: float
+    created_after: float  # list everything created after this (minus LISTING_SLACK)
+    horizon: float  # unknown records created before this are ignored
+    get_ids: tuple[str, ...]  # pending messages to refresh by id
+    timeout_due: frozenset[str]  # pending messages whose settle.timeout has passed
+
+
+@dataclass
+class PollDelta:
+    """What one poll changes; committed by the store, then applied to the ledger."""
+
+    cursor: float
+    settled_ids: dict[str, float] = field(default_factory=dict)  # id -> created_at
+    totals: dict[LabelKey, Totals] = field(default_factory=dict)  # increments
+    pending_upserts: dict[str, Pending] = field(default_factory=dict)
+    pending_removed: set[str] = field(default_factory=set)
+    prune_settled_before: float = 0.0
+    error_info: dict[str, str] = field(default_factory=dict)
+    window_add: dict[WindowKey, tuple[int, int]] = field(default_factory=dict)
+    prune_window_before: int = 0
+    new_messages: int = 0
+    settled_by_timeout: int = 0
+
+    @property
+    def settled_count(self) -> int:
+        return len(self.settled_ids)
+
+
+class Ledger:
+    """One project's counting state and rules."""
+
+    def __init__(self, rules: Rules, state: LedgerState) -> None:
+        self.rules = rules
+        self.state = state
+        self._histogram: dict[int, int] = {}
+        for pending in state.pending.values():
+            self._count_sighting(pending.message.created_at)
+
+    # ----------------------------------------------------------------- planning
+    def plan(self, now: float) -> PollPlan:
+        """Decide this poll's listing start and the pending messages to get by id."""
+        state, rules = self.state, self.rules
+        horizon = state.cursor - LISTING_SLACK
+        timeout_due: set[str] = set()
+        old_due: list[Pending] = []
+        for message_id, pending in state.pending.items():
+            created = pending.message.created_at
+            if created + rules.settle.timeout <= now:
+                timeout_due.add(message_id)
+            if created >= horizon:
+                continue  # the head listing refreshes it anyway
+            age = now - created
+            interval = min(
+                max(age / REFRESH_AGE_DIVISOR, rules.poll_interval), MAX_REFRESH_INTERVAL
+            )
+            if message_id in timeout_due or now - pending.observed_at >= interval:
+                old_due.append(pending)
+        created_after = horizon
+        get_ids: tuple[str, ...] = ()
+        if old_due:
+            oldest = min(p.message.created_at for p in old_due)
+            extra_pages = self._pages(oldest, now) - self._pages(horizon, now)
+            if extra_pages < len(old_due):
+                created_after = oldest
+            else:
+                get_ids = tuple(p.message.id for p in old_due)
+        return PollPlan(now, created_after, horizon, get_ids, frozenset(timeout_due))
+
+    def _pages(self, since: float, now: float) -> int:
+        first = int(since // HISTOGRAM_BUCKET)
+        count = sum(n for minute, n in self._histogram.items() if minute >= first)
+        return max(1, math.ceil(count / self.rules.page_size))
+
+    def _count_sighting(self, created_at: float) -> None:
+        minute = int(created_at // HISTOGRAM_BUCKET)
+        self._histogram[minute] = self._histogram.get(minute, 0) + 1
+
+    # ----------------------------------------------------------------- a poll
+    def begin(self, plan: PollPlan) -> Batch:
+        return Batch(self, plan)
+
+    def apply(self, delta: PollDelta) -> None:
+        """Make a committed poll's effects current."""
+        state = self.state
+        for message_id, pending in delta.pending_upserts.items():
+            if message_id not in state.pending:
+                self._count_sighting(pending.message.created_at)
+        for message_id, created_at in delta.settled_ids.items():
+            if message_id not in state.pending:
+                self._count_sighting(created_at)
+        state.cursor = delta.cursor
+        for message_id in delta.pending_removed:
+            state.pending.pop(message_id, None)
+        state.pending.update(delta.pending_upserts)
+        state.settled.update(delta.settled_ids)
+        state.settled = {i: c for i, c in state.settled.items() if c >= delta.prune_settled_before}
+        for key, inc in delta.totals.items():
+            state.totals.setdefault(key, Totals()).add(inc)
+        state.error_info.update(delta.error_info)
+        for wkey, (settled, failed) in delta.window_add.items():
+            s, f = state.window.get(wkey, (0, 0))
+            state.window[wkey] = (s + settled, f + failed)
+        state.window = {k: v for k, v in state.window.items() if k[0] >= delta.prune_window_before}
+        oldest_minute = int((delta.cursor - self.rules.settle.timeout - 3600) // HISTOGRAM_BUCKET)
+        self._histogram = {m: n for m, n in self._histogram.items() if m >= oldest_minute}
+
+    # ----------------------------------------------------------------- reading
+    def pending_by_labels(self) -> dict[tuple[str, str, str], int]:
+        """signalwire_messages_pending: direction, kind, latest status -> count."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for pending in self.state.pending.values():
+            m = pending.message
+            key = (m.direction, m.kind, m.status)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def failure_ratios(self, now: float) -> dict[tuple[str, str], float]:
+        """Share failed or undelivered of the messages settled in the window, by direction, kind."""
+        since = now - self.rules.failure_ratio_window
+        sums: dict[tuple[str, str], list[int]] = {}
+        for (second, direction, kind), (settled, failed) in self.state.window.items():
+            if second >= since:
+                acc = sums.setdefault((direction, kind), [0, 0])
+                acc[0] += settled
+                acc[1] += failed
+        return {key: failed / settled for key, (settled, failed) in sums.items() if settled}
+
+
+class Batch:
+    """The observations of one poll, turned into a PollDelta by `close`."""
+
+    def __init__(self, ledger: Ledger, plan: PollPlan) -> None:
+        self.ledger = ledger
+        self.plan = plan
+        self.settled: dict[str, tuple[Message, float]] = {}  # id -> (record, settled at)
+        self.seen: dict[str, Pending] = {}  # latest observation of each unsettled message
+        self.gone_ids: set[str] = set()
+        self.new_messages = 0
+        self.ignored = 0
+
+    def _final(self, message: Message) -> bool:
+        return self.ledger.rules.settle.is_final(message.kind, message.status)
+
+    def observe(self, message: Message, at: float) -> None:
+        """One record as listed or fetched at time `at`, duplicates and stale copies included."""
+        state = self.ledger.state
+        message_id = message.id
+        if message_id in self.settled or message_id in state.settled:
+            return
+        known = message_id in state.pending or message_id in self.seen
+        if not known:
+            if message.created_at < state.start_point or message.created_at < self.plan.horizon:
+                self.ignored += 1
+                return
+            self.new_messages += 1
+        previous = self.seen.get(message_id)
+        if previous is not None and previous.observed_at > at:
+            return  # an older observation arriving late never overrides a newer one
+        if self._final(message):
+            self.settled[message_id] = (message, at)
+            self.seen.pop(message_id, None)
+        else:
+            self.seen[message_id] = Pending(message, at)
+
+    def gone(self, message_id: str, at: float) -> None:
+        """A pending message that SignalWire no longer knows (404 on get-by-id)."""
+        if message_id in self.ledger.state.pending:
+            self.gone_ids.add(message_id)
+
+    def unrefreshed_timeout_due(self) -> list[str]:
+        """Timeout-due pending messages this poll has not observed yet: fetch them by id."""
+        return [
+            i
+            for i in sorted(self.plan.timeout_due)
+            if i not in self.settled and i not in self.seen and i not in self.gone_ids
+        ]
+
+    def close(self, now: float, listing_started: float) -> PollDelta:
+        """Settle what this poll allows and compute the new cursor (rules 2-4, 6, 7)."""
+        state, rules = self.ledger.state, self.ledger.rules
+        timeout = rules.settle.timeout
+        cursor = max(state.cursor, listing_started - CURSOR_SAFETY)
+        delta = PollDelta(cursor=cursor, new_messages=self.new_messages)
+        to_settle: list[tuple[Message, float]] = list(self.settled.values())
+        for message_id, pending in self.seen.items():
+            # Rule 2: past the timeout, settle with the status observed after the timeout.
+            if pending.observed_at >= pending.message.created_at + timeout:
+                to_settle.append((pending.message, pending.observed_at))
+                delta.settled_by_timeout += 1
+            else:
+                delta.pending_upserts[message_id] = pending
+        for message_id in self.gone_ids:
+            if message_id in self.settled or message_id in self.seen:
+                continue
+            last = state.pending[message_id]
+            if last.message.created_at + timeout <= now:
+                to_settle.append((last.message, now))
+                delta.settled_by_timeout += 1
+        codes = state.error_codes()
+        second = int(now)
+        for message, _ in to_settle:
+            delta.settled_ids[message.id] = message.created_at
+            if message.id in state.pending:
+                delta.pending_removed.add(message.id)
+            code = message.error_code
+            if code and code not in codes:
+                if len(codes) < rules.max_error_codes:
+                    codes.add(code)
+                else:
+                    code = OTHER_ERROR_CODE
+            key = (message.direction, message.kind, message.status, code)
+            inc = delta.totals.setdefault(key, Totals())
+            inc.messages += 1
+            inc.segments += message.segments
+            inc.charge_nano += message.charge_nano
+            if code and code != OTHER_ERROR_CODE and message.error_message:
+                delta.error_info[code] = message.error_message
+            wkey = (second, message.direction, message.kind)
+            settled, failed = delta.window_add.get(wkey, (0, 0))
+            delta.window_add[wkey] = (settled + 1, failed + (message.status in FAILED_STATUSES))
+        delta.prune_settled_before = cursor - LISTING_SLACK - 1.0
+        delta.prune_window_before = int(now - rules.failure_ratio_window) - 1
+        return delta
+
+
+def new_state(now: float, start_from: float) -> LedgerState:
+    """The state of a project seen for the first time: its start point is now minus start_from."""
+    start = now - start_from
+    return LedgerState(start_point=start, cursor=start)

@@ -1,0 +1,117 @@
+"""A message log record from SignalWire, validated into a compact immutable value.
+
+A record that lacks a field the counting rules need, or carries it with the wrong type, raises
+`InvalidRecord`: the caller skips it and counts it, and the rest of the page is still counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+NANO = 1_000_000_000
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot be counted. `key` identifies it for de-duplication of reports."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The fields of a message log that the counting rules use; `error_code` is "" when null."""
+
+    id: str
+    created_at: float
+    direction: str
+    kind: str
+    status: str
+    error_code: str
+    error_message: str | None
+    segments: int
+    charge_nano: int
+
+
+def parse_timestamp(text: str) -> float:
+    """ISO 8601 (`2024-05-06T12:20:00Z`, offsets, fractions) to epoch seconds; naive means UTC."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def format_timestamp(seconds: float) -> str:
+    """Epoch seconds to the API's format, whole seconds, UTC."""
+    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _text(raw: dict[str, Any], name: str, key: str) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidRecord(key, f"field {name!r} must be a non-empty string, got {value!r:.60}")
+    return value
+
+
+def charge_to_nano(value: Any, key: str) -> int:
+    """Dollars as a JSON number (or numeric string) to whole nano-dollars, so sums are exact."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidRecord(key, f"field 'charge' must be a number, got {value!r:.60}")
+    try:
+        nano = round(float(value) * NANO)
+    except (ValueError, OverflowError):
+        raise InvalidRecord(key, f"field 'charge' must be a number, got {value!r:.60}") from None
+    if nano < 0 or nano > 10**18:
+        raise InvalidRecord(key, f"field 'charge' is out of range: {value!r:.60}")
+    return nano
+
+
+def parse_message(raw: Any) -> Message:
+    """Validate one record of `data[]` (or a get-by-id answer)."""
+    if not isinstance(raw, dict):
+        raise InvalidRecord(repr(raw)[:80], f"record must be an object, got {type(raw).__name__}")
+    raw_id = raw.get("id")
+    key = raw_id if isinstance(raw_id, str) and raw_id else repr(sorted(raw.items()))[:200]
+    message_id = _text(raw, "id", key)
+    created_text = _text(raw, "created_at", key)
+    try:
+        created_at = parse_timestamp(created_text)
+    except (ValueError, OverflowError):
+        raise InvalidRecord(
+            key, f"field 'created_at' is not a timestamp: {created_text!r:.60}"
+        ) from None
+    for required in ("number_of_segments", "charge"):
+        if required not in raw:
+            raise InvalidRecord(key, f"field {required!r} is missing")
+    segments = raw["number_of_segments"]
+    if segments is None:
+        segments = 0
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 0:
+        raise InvalidRecord(
+            key, f"field 'number_of_segments' must be a count, got {segments!r:.60}"
+        )
+    error_code = raw.get("error_code")
+    if isinstance(error_code, int) and not isinstance(error_code, bool):
+        error_code = str(error_code)
+    if error_code is not None and not isinstance(error_code, str):
+        raise InvalidRecord(key, f"field 'error_code' must be a string, got {error_code!r:.60}")
+    error_message = raw.get("error_message")
+    if error_message is not None and not isinstance(error_message, str):
+        error_message = None
+    return Message(
+        id=message_id,
+        created_at=created_at,
+        direction=_text(raw, "direction", key),
+        kind=_text(raw, "kind", key),
+        status=_text(raw, "status", key),
+        error_code=error_code or "",
+        error_message=error_message or None,
+        segments=segments,
+        charge_nano=charge_to_nano(raw.get("charge"), key),
+    )

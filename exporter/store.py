@@ -1,0 +1,246 @@
+"""The durable state: one SQLite file holding, per project, the start point, the cursor, the pending
+messages, the recently settled ids, the counter totals, the error descriptions and the failure-ratio
+window.
+
+A poll's effects are committed in one transaction (WAL, synchronous=FULL), so a kill -9 at any
+instant leaves either the previous poll's state or the new one: nothing lost, nothing counted twice.
+A file that cannot be read, or that belongs to something else, is refused with a message that says
+what to do; it is never silently replaced.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from exporter.ledger import LedgerState, Pending, PollDelta, Totals
+from exporter.records import Message
+
+APPLICATION_ID = 0x53574558  # "SWEX": marks the file as ours
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS project (
+    name TEXT PRIMARY KEY, start_point REAL NOT NULL, cursor REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (
+    project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
+    direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    error_code TEXT NOT NULL, error_message TEXT, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL, observed_at REAL NOT NULL,
+    PRIMARY KEY (project, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settled (
+    project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (project, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS settled_by_age ON settled (project, created_at);
+CREATE TABLE IF NOT EXISTS totals (
+    project TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    error_code TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL,
+    PRIMARY KEY (project, direction, kind, status, error_code)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS error_info (
+    project TEXT NOT NULL, error_code TEXT NOT NULL, error_message TEXT NOT NULL,
+    PRIMARY KEY (project, error_code)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failure_window (
+    project TEXT NOT NULL, second INTEGER NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL,
+    settled INTEGER NOT NULL, failed INTEGER NOT NULL,
+    PRIMARY KEY (project, second, direction, kind)) WITHOUT ROWID;
+"""
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message says which file, why, and what to do."""
+
+
+class CommitError(Exception):
+    """A poll could not be committed (disk full, unwritable...): its effects are dropped."""
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._lock_fd = -1
+        self._conn = self._open()
+
+    def _refuse(self, why: str) -> StateError:
+        return StateError(
+            f"state file {self.path}: {why}. Restore it from a backup, or move it away to start "
+            "counting afresh (counters then start again from the current time)"
+        )
+
+    def _open(self) -> sqlite3.Connection:
+        path = Path(self.path)
+        if path.is_dir():
+            raise StateError(f"state file {self.path}: is a directory; set state_path to a file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"state file {self.path}: cannot create: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise StateError(
+                f"state file {self.path}: in use by another signalwire-exporter process; "
+                "give each instance its own state_path"
+            ) from None
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            if app_id != APPLICATION_ID and tables:
+                conn.close()
+                raise self._refuse("is a SQLite database of another program")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            if not tables:
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif row[0] != str(SCHEMA_VERSION):
+                conn.close()
+                raise StateError(
+                    f"state file {self.path}: schema version {row[0]} is not supported by this "
+                    f"version (expects {SCHEMA_VERSION}); run the version that wrote it"
+                )
+        except sqlite3.DatabaseError as exc:
+            self._release()
+            raise self._refuse(f"cannot be read ({exc})") from None
+        except StateError:
+            self._release()
+            raise
+        return conn
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            self._release()
+
+    def load(self, project: str, now: float, start_from: float) -> LedgerState:
+        """A project's committed state; on its first start, its start point is recorded at once."""
+        with self._lock:
+            try:
+                return self._load(project, now, start_from)
+            except sqlite3.DatabaseError as exc:
+                raise self._refuse(f"cannot be read ({exc})") from None
+
+    def _load(self, project: str, now: float, start_from: float) -> LedgerState:
+        c = self._conn
+        row = c.execute(
+            "SELECT start_point, cursor FROM project WHERE name=?", (project,)
+        ).fetchone()
+        if row is None:
+            start = now - start_from
+            with c:
+                c.execute("BEGIN IMMEDIATE")
+                c.execute("INSERT INTO project VALUES (?, ?, ?)", (project, start, start))
+            return LedgerState(start_point=start, cursor=start)
+        state = LedgerState(start_point=row[0], cursor=row[1])
+        for r in c.execute(
+            "SELECT id, created_at, direction, kind, status, error_code, error_message, segments,"
+            " charge_nano, observed_at FROM pending WHERE project=?",
+            (project,),
+        ):
+            message = Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            state.pending[r[0]] = Pending(message, r[9])
+        state.settled = dict(
+            c.execute("SELECT id, created_at FROM settled WHERE project=?", (project,)).fetchall()
+        )
+        for r in c.execute(
+            "SELECT direction, kind, status, error_code, messages, segments, charge_nano"
+            " FROM totals WHERE project=?",
+            (project,),
+        ):
+            state.totals[(r[0], r[1], r[2], r[3])] = Totals(r[4], r[5], r[6])
+        state.error_info = dict(
+            c.execute(
+                "SELECT error_code, error_message FROM error_info WHERE project=?", (project,)
+            ).fetchall()
+        )
+        for r in c.execute(
+            "SELECT second, direction, kind, settled, failed FROM failure_window WHERE project=?",
+            (project,),
+        ):
+            state.window[(r[0], r[1], r[2])] = (r[3], r[4])
+        return state
+
+    def commit(self, project: str, delta: PollDelta) -> None:
+        """Write one poll's effects atomically; on failure raise CommitError, change nothing."""
+        with self._lock:
+            try:
+                self._commit(project, delta)
+            except sqlite3.Error as exc:
+                raise CommitError(f"cannot write state file {self.path}: {exc}") from None
+
+    def _commit(self, project: str, delta: PollDelta) -> None:
+        c = self._conn
+        with c:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("UPDATE project SET cursor=? WHERE name=?", (delta.cursor, project))
+            c.executemany(
+                "DELETE FROM pending WHERE project=? AND id=?",
+                ((project, i) for i in delta.pending_removed),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    (
+                        project,
+                        i,
+                        p.message.created_at,
+                        p.message.direction,
+                        p.message.kind,
+                        p.message.status,
+                        p.message.error_code,
+                        p.message.error_message,
+                        p.message.segments,
+                        p.message.charge_nano,
+                        p.observed_at,
+                    )
+                    for i, p in delta.pending_upserts.items()
+                ),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO settled VALUES (?,?,?)",
+                ((project, i, created) for i, created in delta.settled_ids.items()),
+            )
+            c.execute(
+                "DELETE FROM settled WHERE project=? AND created_at<?",
+                (project, delta.prune_settled_before),
+            )
+            c.executemany(
+                "INSERT INTO totals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " messages=messages+excluded.messages, segments=segments+excluded.segments,"
+                " charge_nano=charge_nano+excluded.charge_nano",
+                (
+                    (project, *key, inc.messages, inc.segments, inc.charge_nano)
+                    for key, inc in delta.totals.items()
+                ),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO error_info VALUES (?,?,?)",
+                ((project, code, text) for code, text in delta.error_info.items()),
+            )
+            c.executemany(
+                "INSERT INTO failure_window VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " settled=settled+excluded.settled, failed=failed+excluded.failed",
+                ((project, *key, s, f) for key, (s, f) in delta.window_add.items()),
+            )
+            c.execute(
+                "DELETE FROM failure_window WHERE project=? AND second<?",
+                (project, delta.prune_window_before),
+            )

@@ -1,0 +1,176 @@
+"""Command line (contract §1): run, check, demo, --version."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+import structlog
+
+from exporter import __version__
+from exporter.client import ApiError, Client, RetryPolicy
+from exporter.config import ConfigError, ListenAddress, load_config, parse_listen_address
+from exporter.daemon import Exporter, FatalError
+from exporter.logs import LEVELS, configure, scrub
+from exporter.store import StateError
+
+COMMANDS = ("run", "check", "demo")
+PROG = "signalwire-exporter"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _listen(text: str) -> ListenAddress:
+    try:
+        return parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 10_000:
+        raise argparse.ArgumentTypeError("must be between 0 and 10000 messages per second")
+    return value
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    prog = f"{PROG} {command}"
+    p = _Parser(prog=prog, description=_DESCRIPTIONS[command])
+    if command in ("run", "check"):
+        p.add_argument(
+            "--config.file",
+            dest="config_file",
+            default="config.yaml",
+            metavar="PATH",
+            help="configuration file (default: config.yaml)",
+        )
+    if command in ("run", "demo"):
+        p.add_argument(
+            "--web.listen-address",
+            dest="listen",
+            type=_listen,
+            metavar="HOST:PORT",
+            help="address for /metrics (default: listen_address of the file, or 0.0.0.0:9797)",
+        )
+    if command == "demo":
+        p.add_argument(
+            "--demo.rate",
+            dest="rate",
+            type=_rate,
+            default=2.0,
+            metavar="MESSAGES_PER_SECOND",
+            help="synthetic messages per second (default: 2)",
+        )
+    p.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info")
+    p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
+    return p
+
+
+_DESCRIPTIONS = {
+    "run": "Poll SignalWire message logs and serve Prometheus metrics (the default command).",
+    "check": "Load the configuration and make one small authenticated request per project.",
+    "demo": "Run the exporter against a built-in SignalWire simulator; no account needed.",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--version", "-V", "version"):
+        print(f"{PROG} {__version__}")
+        return 0
+    if args and args[0] in ("-h", "--help"):
+        print(f"usage: {PROG} [run|check|demo] [flags]   ({PROG} COMMAND --help for flags)")
+        for name in COMMANDS:
+            print(f"  {name:6} {_DESCRIPTIONS[name]}")
+        print(f"  {PROG} --version")
+        return 0
+    command = args.pop(0) if args and args[0] in COMMANDS else "run"
+    try:
+        options = _parser(command).parse_args(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    configure(options.log_level, options.log_format)
+    try:
+        if command == "check":
+            return _check(options.config_file)
+        if command == "demo":
+            from exporter.demo import run_demo
+
+            return run_demo(options.listen, options.rate)
+        return _run(options.config_file, options.listen)
+    except ConfigError as exc:
+        print(f"{PROG}: configuration error: {scrub(str(exc))}", file=sys.stderr)
+        return 2
+
+
+def _run(config_file: str, listen: ListenAddress | None) -> int:
+    config = load_config(config_file)
+    return serve(Exporter(config, listen))
+
+
+def serve(exporter: Exporter) -> int:
+    """Run an Exporter until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error."""
+    log = structlog.get_logger()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("shutting down", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        exporter.start()
+        while not stopping.wait(1.0):
+            pass
+    except (FatalError, StateError) as exc:
+        log.error("cannot start", error=str(exc))
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        exporter.shutdown()
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    exporter.shutdown()
+    return 0
+
+
+def _check(config_file: str) -> int:
+    config = load_config(config_file)
+    failures = 0
+    for project in config.projects:
+        client = Client(
+            project.base_url,
+            project.project_id,
+            project.api_token,
+            timeout=config.request_timeout,
+            page_size=1,
+            retry=RetryPolicy(attempts=2, base_delay=0.5, max_delay=1.0, max_retry_after=5.0),
+        )
+        try:
+            page = next(iter(client.list_pages(None)))
+        except ApiError as exc:
+            failures += 1
+            print(f"{project.name}: FAILED: {scrub(str(exc))}")
+        else:
+            found = "a message log" if page.records else "no message logs yet"
+            print(f"{project.name}: ok ({project.base_url}, {found})")
+        finally:
+            client.close()
+    return 1 if failures else 0

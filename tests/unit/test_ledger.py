@@ -1,0 +1,361 @@
+"""One test (at least) per counting rule of contract §3, on the pure ledger."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from exporter.config import SettleConfig
+from exporter.ledger import (
+    CURSOR_SAFETY,
+    OTHER_ERROR_CODE,
+    Ledger,
+    LedgerState,
+    PollDelta,
+    Rules,
+    Totals,
+)
+from exporter.records import Message
+
+T0 = 1_800_000_000.0
+TIMEOUT = 100.0
+
+
+def rules(**overrides: object) -> Rules:
+    values: dict[str, object] = {
+        "settle": SettleConfig(timeout=TIMEOUT),
+        "poll_interval": 10.0,
+        "failure_ratio_window": 60.0,
+        "max_error_codes": 3,
+        "page_size": 10,
+    }
+    values.update(overrides)
+    return Rules(**values)  # type: ignore[arg-type]
+
+
+def msg(
+    id: str,
+    status: str,
+    created: float = T0 + 1,
+    *,
+    direction: str = "outbound-api",
+    kind: str = "sms",
+    error_code: str = "",
+    error_message: str | None = None,
+    segments: int = 1,
+    charge_nano: int = 4_150_000,
+) -> Message:
+    return Message(
+        id, created, direction, kind, status, error_code, error_message, segments, charge_nano
+    )
+
+
+def new_ledger(**overrides: object) -> Ledger:
+    return Ledger(rules(**overrides), LedgerState(start_point=T0, cursor=T0))
+
+
+def poll(ledger: Ledger, now: float, *messages: Message, gone: tuple[str, ...] = ()) -> PollDelta:
+    """One successful poll observing `messages` at `now`, committed and applied."""
+    batch = ledger.begin(ledger.plan(now))
+    for m in messages:
+        batch.observe(m, now)
+    for message_id in gone:
+        batch.gone(message_id, now)
+    delta = batch.close(now, now)
+    ledger.apply(delta)
+    return delta
+
+
+def totals(ledger: Ledger) -> dict[tuple[str, str, str, str], tuple[int, int, int]]:
+    return {k: (v.messages, v.segments, v.charge_nano) for k, v in ledger.state.totals.items()}
+
+
+def test_rule1_a_message_is_identified_by_its_id() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "delivered"), msg("b", "delivered"), msg("a", "delivered"))
+    assert totals(ledger) == {("outbound-api", "sms", "delivered", ""): (2, 2, 8_300_000)}
+
+
+def test_rule2_settles_when_first_observed_in_a_final_status() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent"))
+    assert totals(ledger) == {}
+    assert ledger.pending_by_labels() == {("outbound-api", "sms", "sent"): 1}
+    poll(ledger, T0 + 20, msg("a", "delivered"))
+    assert totals(ledger) == {("outbound-api", "sms", "delivered", ""): (1, 1, 4_150_000)}
+    assert ledger.state.pending == {}
+
+
+def test_rule2_final_statuses_by_kind_settle_mms_at_sent() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("m", "sent", kind="mms"), msg("s", "sent", kind="sms"))
+    assert totals(ledger) == {("outbound-api", "mms", "sent", ""): (1, 1, 4_150_000)}
+    assert set(ledger.state.pending) == {"s"}
+
+
+def test_rule2_configured_final_statuses_are_used() -> None:
+    settle = SettleConfig(
+        timeout=TIMEOUT, final_statuses=frozenset({"read"}), final_statuses_by_kind={}
+    )
+    ledger = new_ledger(settle=settle)
+    poll(ledger, T0 + 10, msg("a", "delivered"), msg("b", "read"))
+    assert set(ledger.state.pending) == {"a"}
+    assert list(totals(ledger)) == [("outbound-api", "sms", "read", "")]
+
+
+def test_rule2_timeout_settles_with_the_status_observed_after_the_timeout() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "queued"))
+    # Observed just before the timeout: still pending.
+    poll(ledger, T0 + 1 + TIMEOUT - 1, msg("a", "sent"))
+    assert totals(ledger) == {}
+    # Past the timeout the plan demands a refresh; the refreshed status is the one settled.
+    plan = ledger.plan(T0 + 1 + TIMEOUT + 5)
+    assert plan.timeout_due == {"a"}
+    batch = ledger.begin(plan)
+    assert batch.unrefreshed_timeout_due() == ["a"]
+    batch.observe(msg("a", "sent", charge_nano=7), T0 + 1 + TIMEOUT + 6)
+    delta = batch.close(T0 + TIMEOUT + 7, T0 + TIMEOUT + 5)
+    ledger.apply(delta)
+    assert delta.settled_by_timeout == 1
+    assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 1, 7)}
+    assert ledger.state.pending == {}
+
+
+def test_rule2_timeout_without_refresh_does_not_settle() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent"))
+    poll(ledger, T0 + TIMEOUT + 50)  # nothing observed: no refresh, no settlement
+    assert totals(ledger) == {}
+    assert set(ledger.state.pending) == {"a"}
+
+
+def test_rule2_timeout_of_a_message_gone_from_the_api_settles_with_its_last_status() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent", segments=2))
+    poll(ledger, T0 + TIMEOUT + 50, gone=("a",))
+    assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 2, 4_150_000)}
+    assert ledger.state.pending == {}
+
+
+def test_a_gone_message_before_its_timeout_stays_pending() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent"))
+    poll(ledger, T0 + 20, gone=("a",))
+    assert set(ledger.state.pending) == {"a"}
+
+
+def test_first_sight_after_the_timeout_settles_at_once() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + TIMEOUT + 30, msg("a", "sent"))
+    assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 1, 4_150_000)}
+
+
+def test_rule3_counts_segments_and_charge_under_the_settled_labels() -> None:
+    ledger = new_ledger()
+    poll(
+        ledger,
+        T0 + 10,
+        msg("a", "undelivered", error_code="30007", segments=3, charge_nano=12),
+        msg("b", "undelivered", error_code="30007", segments=2, charge_nano=30),
+        msg("c", "received", direction="inbound", segments=1, charge_nano=5),
+    )
+    assert totals(ledger) == {
+        ("outbound-api", "sms", "undelivered", "30007"): (2, 5, 42),
+        ("inbound", "sms", "received", ""): (1, 1, 5),
+    }
+
+
+def test_rule3_a_message_settles_at_most_once() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "delivered"))
+    poll(ledger, T0 + 20, msg("a", "delivered"), msg("a", "failed"))
+    poll(ledger, T0 + TIMEOUT + 20, msg("a", "delivered"), gone=("a",))
+    assert totals(ledger) == {("outbound-api", "sms", "delivered", ""): (1, 1, 4_150_000)}
+
+
+def test_rule3_first_final_observation_wins_within_a_poll() -> None:
+    ledger = new_ledger()
+    batch = ledger.begin(ledger.plan(T0 + 10))
+    batch.observe(msg("a", "undelivered", error_code="30003"), T0 + 10)
+    batch.observe(msg("a", "delivered"), T0 + 11)
+    ledger.apply(batch.close(T0 + 12, T0 + 10))
+    assert list(totals(ledger)) == [("outbound-api", "sms", "undelivered", "30003")]
+
+
+def test_an_older_observation_never_overrides_a_newer_one() -> None:
+    ledger = new_ledger()
+    batch = ledger.begin(ledger.plan(T0 + 10))
+    batch.observe(msg("a", "sent"), T0 + 12)
+    batch.observe(msg("a", "queued"), T0 + 11)
+    ledger.apply(batch.close(T0 + 12, T0 + 10))
+    assert ledger.pending_by_labels() == {("outbound-api", "sms", "sent"): 1}
+
+
+def test_rule4_pending_is_counted_under_its_latest_status() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "queued"), msg("b", "queued"), msg("c", "sent", kind="mms"))
+    assert ledger.pending_by_labels() == {("outbound-api", "sms", "queued"): 2}
+    poll(ledger, T0 + 20, msg("a", "sent"))
+    assert ledger.pending_by_labels() == {
+        ("outbound-api", "sms", "queued"): 1,
+        ("outbound-api", "sms", "sent"): 1,
+    }
+
+
+def test_rule5_messages_created_before_the_start_point_are_never_counted() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("old", "delivered", created=T0 - 1), msg("old2", "sent", T0 - 5))
+    assert totals(ledger) == {}
+    assert ledger.state.pending == {}
+    poll(ledger, T0 + TIMEOUT + 20, msg("old2", "sent", T0 - 5))
+    assert totals(ledger) == {}
+
+
+def test_rule6_messages_created_while_stopped_are_counted_after_a_restart() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "delivered", T0 + 5))
+    committed = copy.deepcopy(ledger.state)
+    # The exporter is stopped for an hour; messages keep coming.
+    restarted = Ledger(rules(), committed)
+    later = T0 + 3600
+    plan = restarted.plan(later)
+    assert plan.created_after <= T0 + 5  # lists from before the stop
+    poll(restarted, later, msg("b", "delivered", T0 + 600), msg("c", "sent", T0 + 3590))
+    assert totals(restarted)[("outbound-api", "sms", "delivered", "")][0] == 2
+    assert set(restarted.state.pending) == {"c"}
+
+
+def test_rule7_a_failed_poll_changes_nothing() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent"))
+    before = copy.deepcopy(ledger.state)
+    batch = ledger.begin(ledger.plan(T0 + 20))
+    batch.observe(msg("a", "delivered"), T0 + 20)
+    batch.observe(msg("b", "delivered"), T0 + 20)
+    batch.close(T0 + 21, T0 + 20)  # computed, never committed nor applied
+    assert ledger.state == before
+
+
+def test_rule7_re_listed_records_after_settlement_are_not_counted_again() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "delivered", T0 + 9))
+    for step in range(1, 20):  # the overlap keeps re-listing it for a while
+        poll(ledger, T0 + 10 + step * 10, msg("a", "delivered", T0 + 9))
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
+
+
+def test_unknown_records_older_than_the_horizon_are_ignored() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 1000, msg("a", "delivered", T0 + 900))
+    plan = ledger.plan(T0 + 2000)
+    assert plan.horizon > T0 + 900
+    # Its settled id has been pruned; re-listed (e.g. by a day-precision filter) it is ignored.
+    assert "a" not in ledger.state.settled
+    poll(ledger, T0 + 2000, msg("a", "delivered", T0 + 900), msg("x", "failed", T0 + 800))
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
+    assert ("outbound-api", "sms", "failed", "") not in totals(ledger)
+
+
+def test_settled_ids_are_kept_while_they_can_be_re_listed() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 100, msg("a", "delivered", T0 + 95))
+    horizon = ledger.plan(T0 + 110).horizon
+    assert horizon <= T0 + 95
+    assert "a" in ledger.state.settled
+
+
+def test_cursor_trails_the_listing_start_and_never_goes_back() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 500)
+    assert ledger.state.cursor == T0 + 500 - CURSOR_SAFETY
+    batch = ledger.begin(ledger.plan(T0 + 510))
+    ledger.apply(batch.close(T0 + 510, T0 + 100))  # a server clock far behind
+    assert ledger.state.cursor == T0 + 500 - CURSOR_SAFETY
+
+
+def test_error_codes_beyond_the_cap_become_other() -> None:
+    ledger = new_ledger(max_error_codes=2)
+    poll(
+        ledger,
+        T0 + 10,
+        msg("a", "failed", error_code="1", error_message="one"),
+        msg("b", "failed", error_code="2", error_message="two"),
+        msg("c", "failed", error_code="3", error_message="three"),
+        msg("d", "failed", error_code="1", error_message="one, reworded"),
+        msg("e", "delivered"),
+    )
+    assert totals(ledger) == {
+        ("outbound-api", "sms", "failed", "1"): (2, 2, 8_300_000),
+        ("outbound-api", "sms", "failed", "2"): (1, 1, 4_150_000),
+        ("outbound-api", "sms", "failed", OTHER_ERROR_CODE): (1, 1, 4_150_000),
+        ("outbound-api", "sms", "delivered", ""): (1, 1, 4_150_000),
+    }
+    assert ledger.state.error_info == {"1": "one, reworded", "2": "two"}
+    # The admitted codes stay admitted across polls (and restarts: they live in the totals).
+    poll(ledger, T0 + 20, msg("f", "failed", error_code="4"), msg("g", "failed", error_code="2"))
+    assert totals(ledger)[("outbound-api", "sms", "failed", OTHER_ERROR_CODE)][0] == 2
+    assert totals(ledger)[("outbound-api", "sms", "failed", "2")][0] == 2
+
+
+def test_failure_ratio_over_the_window() -> None:
+    ledger = new_ledger()
+    poll(
+        ledger,
+        T0 + 10,
+        msg("a", "delivered"),
+        msg("b", "failed"),
+        msg("c", "undelivered"),
+        msg("d", "delivered"),
+        msg("e", "received", direction="inbound"),
+    )
+    assert ledger.failure_ratios(T0 + 10) == {("outbound-api", "sms"): 0.5, ("inbound", "sms"): 0.0}
+    poll(ledger, T0 + 50, msg("f", "delivered"), msg("g", "delivered"))
+    assert ledger.failure_ratios(T0 + 50)[("outbound-api", "sms")] == pytest.approx(2 / 6)
+    # The first poll's settlements leave the 60 s window; absent when none settled.
+    assert ledger.failure_ratios(T0 + 71) == {("outbound-api", "sms"): 0.0}
+    assert ledger.failure_ratios(T0 + 200) == {}
+
+
+def test_old_pending_messages_are_refreshed_less_often() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
+    poll(ledger, T0 + 10, msg("a", "sent", T0 + 5))
+    # Past the head listing, a 10-minute-old message waits age/8 = 75 s between refreshes.
+    now = T0 + 605
+    ledger.state.pending["a"] = ledger.state.pending["a"].__class__(
+        ledger.state.pending["a"].message, now - 60
+    )
+    ledger.state.cursor = now - 30
+    horizon = now - 31
+    assert ledger.plan(now).created_after == horizon
+    # Due: one message in the range costs no extra page, so the listing reaches back to it.
+    assert ledger.plan(now + 20).created_after == T0 + 5
+
+
+def test_refresh_prefers_a_re_list_when_it_needs_fewer_requests() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1000)
+    many = [msg(f"m{i}", "sent", T0 + 5 + i) for i in range(30)]
+    poll(ledger, T0 + 40, *many)
+    ledger.state.cursor = T0 + 3000
+    plan = ledger.plan(T0 + 3000)
+    # 30 old pending messages fit in one page: re-list instead of 30 gets.
+    assert plan.get_ids == ()
+    assert plan.created_after == T0 + 5
+
+
+def test_refresh_gets_by_id_when_a_re_list_would_need_more_pages() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+    settled = [msg(f"d{i}", "delivered", T0 + 5 + i) for i in range(200)]
+    poll(ledger, T0 + 300, msg("p", "sent", T0 + 5), *settled)
+    ledger.state.cursor = T0 + 3000
+    plan = ledger.plan(T0 + 3000)
+    assert plan.get_ids == ("p",)
+    assert plan.created_after == T0 + 3000 - 1
+
+
+def test_totals_accumulate_across_polls() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "delivered"))
+    poll(ledger, T0 + 20, msg("b", "delivered", segments=4, charge_nano=1))
+    assert ledger.state.totals[("outbound-api", "sms", "delivered", "")] == Totals(2, 5, 4_150_001)

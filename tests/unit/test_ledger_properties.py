@@ -1,0 +1,118 @@
+"""Property: whatever the interleaving of traffic, polls, failed polls, duplicates, listing order,
+ingestion delays, clock advances and restarts from the last commit, once everything has settled the
+ledger's totals equal the simulator's ground truth, and no message settles twice."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.config import SettleConfig
+from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, Rules
+from exporter.records import parse_message
+from exporter.simulator import Simulator, TrafficProfile, random_message_args
+
+T0 = 1_800_000_000
+TIMEOUT = 120.0
+PROJECT = "p"
+PROFILE = TrafficProfile(max_delay=TIMEOUT / 2, never_receipted=0.1)
+RULES = Rules(
+    settle=SettleConfig(timeout=TIMEOUT),
+    poll_interval=10.0,
+    failure_ratio_window=60.0,
+    max_error_codes=50,
+    page_size=5,
+)
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.integers(1, 90)),
+        st.tuples(
+            st.just("poll"),
+            st.booleans(),  # the poll fails before its commit
+            st.integers(0, 2**16),  # order and duplication of the listing
+            st.integers(0, 30),  # ingestion delay of the API, within CURSOR_SAFETY
+        ),
+        st.tuples(st.just("restart")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    count=st.integers(0, 40),
+    spread=st.integers(1, 600),
+    ops=operations,
+)
+def test_totals_equal_ground_truth_for_any_interleaving(
+    seed: int, count: int, spread: int, ops: list[tuple[object, ...]]
+) -> None:
+    rng = random.Random(seed)
+    now = [float(T0)]
+    sim = Simulator(clock=lambda: now[0], seed=seed)
+    sim.add_project(PROJECT, "token")
+    for _ in range(count):
+        created = T0 - 30 + rng.randrange(spread)  # some before the start point (rule 5)
+        sim.add_message(PROJECT, created_at=created, **random_message_args(rng, PROFILE))
+
+    committed = LedgerState(start_point=T0, cursor=T0)
+    ledger = Ledger(RULES, copy.deepcopy(committed))
+    settled_ids: list[str] = []
+
+    def run_poll(fails: bool, order_seed: int, delay: int) -> None:
+        nonlocal committed
+        plan = ledger.plan(now[0])
+        batch = ledger.begin(plan)
+        visible = [
+            m
+            for m in sim.messages(PROJECT)
+            if plan.created_after - 1 <= m.created_at <= now[0] - delay
+        ]
+        order = random.Random(order_seed)
+        listing = visible + order.sample(visible, k=len(visible) // 3)  # duplicates
+        order.shuffle(listing)
+        for m in listing:
+            batch.observe(parse_message(m.to_json(now[0], "http://sim")), now[0])
+        by_id = {m.id: m for m in sim.messages(PROJECT)}
+        for message_id in (*plan.get_ids, *batch.unrefreshed_timeout_due()):
+            batch.observe(parse_message(by_id[message_id].to_json(now[0], "http://sim")), now[0])
+        delta = batch.close(now[0], now[0])
+        if fails:
+            return
+        ledger.apply(delta)
+        settled_ids.extend(delta.settled_ids)
+        committed = copy.deepcopy(ledger.state)
+
+    for op in ops:
+        if op[0] == "advance":
+            now[0] += float(op[1])  # type: ignore[arg-type]
+        elif op[0] == "poll":
+            run_poll(bool(op[1]), int(op[2]), int(op[3]))  # type: ignore[call-overload]
+        else:
+            ledger = Ledger(RULES, copy.deepcopy(committed))
+    # Let everything settle: the API recovers and the exporter keeps polling.
+    last_created = max((m.created_at for m in sim.messages(PROJECT)), default=T0)
+    end = max(now[0], last_created) + TIMEOUT + 2 * CURSOR_SAFETY
+    while now[0] < end or ledger.state.pending:
+        now[0] += RULES.poll_interval
+        run_poll(False, 0, 0)
+        assert now[0] < end + 10 * TIMEOUT, "pending messages never settle"
+
+    assert len(settled_ids) == len(set(settled_ids)), "a message settled twice"
+    expected = sim.expected_totals(
+        PROJECT,
+        final_statuses=RULES.settle.final_statuses,
+        final_statuses_by_kind=RULES.settle.final_statuses_by_kind,
+        settle_timeout=TIMEOUT,
+        start_point=T0,
+        now=now[0],
+    )
+    got = {k: (v.messages, v.segments, v.charge_nano) for k, v in ledger.state.totals.items()}
+    assert got == expected
+    assert math.isclose(sum(v[0] for v in got.values()), len(settled_ids))

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from exporter.client import ApiError, AuthError, Client, Stopped
+from exporter.client import ApiError, AuthError, Client, RetryPolicy, Stopped
 from exporter.config import Config, ProjectConfig, read_token_file
 from exporter.ledger import Batch, LabelKey, Ledger, PollDelta, Rules, Totals
 from exporter.records import InvalidRecord, Message, parse_message
@@ -95,6 +95,8 @@ class ProjectPoller:
             timeout=config.request_timeout,
             page_size=config.page_size,
             on_request=lambda code: counters.request(project.name, code),
+            # Retries within a poll stay within about one poll interval; the next poll retries on.
+            retry=RetryPolicy(attempts=4, max_delay=min(30.0, config.poll_interval)),
             stop=stop,
         )
         self.rules = Rules(

@@ -1,0 +1,135 @@
+"""Shared test helpers: waiting on conditions, scraping, running the daemon as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `condition` until it returns a truthy value; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except (requests.RequestException, OSError, ValueError) as exc:
+            last_error = exc
+        else:
+            if value:
+                return value
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def select(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Samples of one metric whose labels include `labels`."""
+    want = set(labels.items())
+    return {lbl: v for (n, lbl), v in samples.items() if n == name and want <= set(lbl)}
+
+
+def write_config(path: Path, projects: list[dict[str, Any]], **settings: Any) -> Path:
+    config = {"projects": projects, **settings}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+class Daemon:
+    """`python -m exporter run` in a subprocess, with its stderr captured to a file."""
+
+    def __init__(self, config: Path, workdir: Path, extra: list[str] | None = None) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra = extra or []
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "run",
+                "--config.file",
+                str(self.config),
+                "--web.listen-address",
+                f"127.0.0.1:{self.port}",
+                "--log.level",
+                "debug",
+                *self.extra,
+            ],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        log.close()
+        if wait_ready:
+            wait_for(self.ready, 30, f"daemon ready\n{self.log()}")
+        return self
+
+    def ready(self) -> bool:
+        self.assert_alive()
+        return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            raise AssertionError(f"daemon exited with {code}:\n{self.log()}")
+
+    def scrape(self) -> Samples:
+        response = requests.get(f"{self.url}/metrics", timeout=5)
+        response.raise_for_status()
+        return parse_metrics(response.text)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)

@@ -231,7 +231,7 @@ class ProjectPoller:
     def _reload_token(self) -> bool:
         """On 401/403, pick up a rotated token from api_token_file without a restart."""
         path = self.project.api_token_file
-        if not path or self._auth_failures > 1:
+        if not path:
             return False
         token = read_token_file(path)
         if not token or token == self._token:

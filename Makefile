@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/signalwire-exporter demo
+	$(BIN)/signalwire-exporter demo $(DEMO_FLAGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

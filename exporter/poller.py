@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from exporter.client import ApiError, AuthError, Client, RetryPolicy, Stopped
+from exporter.client import ApiError, AuthError, Client, Page, RetryPolicy, Stopped
 from exporter.config import Config, ProjectConfig, read_token_file
 from exporter.ledger import Batch, LabelKey, Ledger, PollDelta, Rules, Totals
 from exporter.records import InvalidRecord, Message, parse_message
@@ -26,6 +26,9 @@ Clock = Callable[[], float]
 AUTH_BACKOFF_START = 60.0
 AUTH_BACKOFF_MAX = 600.0
 MAX_INVALID_KEYS = 100_000
+PROGRESS_EVERY_PAGES = 25
+HISTORY_LIMIT_CODE = "exceeds_history_logs_limit"
+HISTORY_PROBES = 8
 
 
 class Counters:
@@ -190,7 +193,8 @@ class ProjectPoller:
         plan = self.ledger.plan(started)
         batch = self.ledger.begin(plan)
         server_time: float | None = None
-        for page in self.client.list_pages(plan.created_after):
+        records = 0
+        for number, page in enumerate(self._listing(plan.created_after, started), start=1):
             if server_time is None:
                 server_time = page.server_time
             at = self.clock()
@@ -198,10 +202,52 @@ class ProjectPoller:
                 message = self._parse(raw)
                 if message is not None:
                     batch.observe(message, at)
+            records += len(page.records)
+            if number % PROGRESS_EVERY_PAGES == 0:
+                self.log.info("listing in progress", pages=number, records=records)
         self._refresh_by_id(batch, plan.get_ids)
         self._refresh_by_id(batch, batch.unrefreshed_timeout_due())
         listing_started = started if server_time is None else min(started, server_time)
         return batch.close(self.clock(), listing_started)
+
+    def _listing(self, created_after: float, now: float) -> Iterator[Page]:
+        """The listing's pages; past SignalWire's history limit, from the oldest time it allows.
+
+        Messages older than the limit cannot be listed any more: the exporter says so once, with
+        the span it had to skip, instead of failing every poll for good.
+        """
+        pages = self.client.list_pages(created_after)
+        try:
+            first = next(pages, None)
+        except ApiError as exc:
+            if exc.code != HISTORY_LIMIT_CODE:
+                raise
+            allowed = self._oldest_listable(created_after, now)
+            self.log.error(
+                "messages beyond SignalWire's history limit are not counted",
+                skipped_from=_iso(created_after),
+                skipped_to=_iso(allowed),
+            )
+            pages = self.client.list_pages(allowed)
+            first = next(pages, None)
+        if first is not None:
+            yield first
+            yield from pages
+
+    def _oldest_listable(self, refused: float, now: float) -> float:
+        """Bisect between a refused and an accepted created_after, a few requests at most."""
+        accepted = now
+        for _ in range(HISTORY_PROBES):
+            middle = (refused + accepted) / 2
+            try:
+                next(self.client.list_pages(middle), None)
+            except ApiError as exc:
+                if exc.code != HISTORY_LIMIT_CODE:
+                    raise
+                refused = middle
+            else:
+                accepted = middle
+        return accepted
 
     def _refresh_by_id(self, batch: Batch, ids: Any) -> None:
         for message_id in ids:
@@ -251,6 +297,9 @@ class ProjectPoller:
     def _publish(self, polled: bool, up: bool, duration: float | None, error: str | None) -> None:
         assert self.ledger is not None
         state = self.ledger.state
+        # A label set that has been pending stays exported at 0, so graphs drop to zero instead
+        # of ending (the label values are bounded by the API's enums).
+        pending = dict.fromkeys(self.status.pending, 0) | self.ledger.pending_by_labels()
         self.status = ProjectStatus(
             name=self.project.name,
             polled=polled or self.status.polled,
@@ -262,7 +311,7 @@ class ProjectPoller:
             totals={
                 k: Totals(v.messages, v.segments, v.charge_nano) for k, v in state.totals.items()
             },
-            pending=self.ledger.pending_by_labels(),
+            pending=pending,
             failure_ratios=self.ledger.failure_ratios(self.clock()),
             error_info=dict(state.error_info),
         )

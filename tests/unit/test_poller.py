@@ -27,14 +27,18 @@ def api() -> Iterator[tuple[Simulator, str]]:
 
 
 def make_poller(
-    tmp_path: Path, base_url: str, token: str = TOKEN, token_file: str | None = None
+    tmp_path: Path,
+    base_url: str,
+    token: str = TOKEN,
+    token_file: str | None = None,
+    start_from: float = 60.0,
 ) -> tuple[ProjectPoller, Counters]:
     project = ProjectConfig("prod", base_url, PID, token, token_file)
     config = Config(
         projects=(project,),
         poll_interval=1.0,
         state_path=str(tmp_path / "state.db"),
-        start_from=60.0,
+        start_from=start_from,
         settle=SettleConfig(timeout=60.0),
         request_timeout=1.0,
         page_size=2,
@@ -133,3 +137,20 @@ def test_invalid_records_are_skipped_counted_once_and_the_rest_counted(
     assert poller.poll_once()  # re-listed: the same bad records do not count again
     assert counters.snapshot()[1] == {"prod": 2}
     assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 3
+
+
+def test_beyond_the_history_limit_it_lists_what_is_left_instead_of_failing(
+    api: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    simulator, base_url = api
+    simulator.history_limit = 300.0  # the first listing asks for 600 s: too far back
+    add(simulator)  # created 5 s ago: within the limit
+    poller, counters = make_poller(tmp_path, base_url, start_from=600.0)
+    assert poller.poll_once()
+    assert poller.status.up
+    assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 1
+    assert counters.snapshot()[0][("prod", "422")] >= 1
+    assert poller.poll_once()  # the cursor has moved on: no more refusals
+    refusals = counters.snapshot()[0][("prod", "422")]
+    assert poller.poll_once()
+    assert counters.snapshot()[0][("prod", "422")] == refusals

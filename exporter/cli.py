@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ from exporter import __version__
 from exporter.client import ApiError, Client, RetryPolicy
 from exporter.config import ConfigError, ListenAddress, load_config, parse_listen_address
 from exporter.daemon import Exporter, FatalError
-from exporter.logs import LEVELS, configure, scrub
+from exporter.logs import LEVELS, configure, redact, scrub
 from exporter.store import StateError
 
 COMMANDS = ("run", "check", "demo")
@@ -27,9 +28,27 @@ class UsageError(Exception):
     pass
 
 
+class _Exit(Exception):
+    """argparse finished on its own (--help): the status to return."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _Exit(status)
+
+
+def _one_line(text: str) -> str:
+    """Messages for stderr are one line, whatever the file or the environment held."""
+    return " ".join(text.split())
 
 
 def _listen(text: str) -> ListenAddress:
@@ -51,7 +70,7 @@ def _rate(text: str) -> float:
 
 def _parser(command: str) -> argparse.ArgumentParser:
     prog = f"{PROG} {command}"
-    p = _Parser(prog=prog, description=_DESCRIPTIONS[command])
+    p = _Parser(prog=prog, description=_DESCRIPTIONS[command], allow_abbrev=False)
     if command in ("run", "check"):
         p.add_argument(
             "--config.file",
@@ -100,12 +119,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:6} {_DESCRIPTIONS[name]}")
         print(f"  {PROG} --version")
         return 0
-    command = args.pop(0) if args and args[0] in COMMANDS else "run"
+    command = "run"
+    if args and args[0] in COMMANDS:
+        command = args.pop(0)
+    elif args and not args[0].startswith("-"):
+        hint = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        print(
+            _one_line(
+                f"{PROG}: error: unknown command {args[0]!r}{did_you_mean}; "
+                f"commands: {', '.join(COMMANDS)} (see {PROG} --help)"
+            ),
+            file=sys.stderr,
+        )
+        return 2
     try:
         options = _parser(command).parse_args(args)
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(_one_line(f"{PROG}: error: {exc}"), file=sys.stderr)
         return 2
+    except _Exit as exc:
+        return exc.status
     configure(options.log_level, options.log_format)
     try:
         if command == "check":
@@ -116,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(options.listen, options.rate)
         return _run(options.config_file, options.listen)
     except ConfigError as exc:
-        print(f"{PROG}: configuration error: {scrub(str(exc))}", file=sys.stderr)
+        print(_one_line(f"{PROG}: configuration error: {scrub(str(exc))}"), file=sys.stderr)
         return 2
 
 
@@ -141,7 +175,7 @@ def serve(exporter: Exporter) -> int:
             pass
     except (FatalError, StateError) as exc:
         log.error("cannot start", error=str(exc))
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(_one_line(f"{PROG}: {scrub(str(exc))}"), file=sys.stderr)
         exporter.shutdown()
         return 1
     finally:
@@ -153,6 +187,8 @@ def serve(exporter: Exporter) -> int:
 
 def _check(config_file: str) -> int:
     config = load_config(config_file)
+    for project in config.projects:
+        redact(project.api_token)
     failures = 0
     for project in config.projects:
         client = Client(
@@ -167,10 +203,10 @@ def _check(config_file: str) -> int:
             page = next(iter(client.list_pages(None)))
         except ApiError as exc:
             failures += 1
-            print(f"{project.name}: FAILED: {scrub(str(exc))}")
+            print(_one_line(f"{project.name}: FAILED: {scrub(str(exc))}"), flush=True)
         else:
             found = "a message log" if page.records else "no message logs yet"
-            print(f"{project.name}: ok ({project.base_url}, {found})")
+            print(f"{project.name}: ok ({project.base_url}, {found})", flush=True)
         finally:
             client.close()
     return 1 if failures else 0

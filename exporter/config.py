@@ -1,7 +1,12 @@
 """Configuration: the YAML file of contract §2, validated into frozen values.
 
 Every error is a `ConfigError` naming the file, the key and what is wrong, so the CLI can print one
-line and exit 2. Unknown keys are errors: a typo must never pass silently.
+line and exit 2. Unknown keys are errors, and so are keys written twice: a typo must never pass
+silently.
+
+Scalars are read as the text written in the file: YAML 1.1 would otherwise turn `0x1F` into 31
+or `0123` into 83 (tokens and ids must arrive verbatim) and `no` into False. Each key then gets its
+type from the schema: durations, integers or strings. Only `~`, `null` and empty values are null.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -19,11 +25,20 @@ T = TypeVar("T")
 
 DEFAULT_FINAL_STATUSES = ("delivered", "undelivered", "failed", "received")
 DEFAULT_FINAL_BY_KIND: Mapping[str, tuple[str, ...]] = {"mms": ("sent",)}
-NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+NAME_RE = re.compile(r"[a-z0-9_-]+")  # use with fullmatch
 _DURATION_RE = re.compile(
-    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
+    r"(?:([0-9]+)y)?(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?"
+    r"(?:([0-9]+)ms)?"
 )
 _DURATION_UNITS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+# The longest duration accepted: 292y, about the longest wait a thread can be asked for.
+MAX_DURATION = 292 * 365 * 86400.0
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_HOST_RE = re.compile(r"[A-Za-z0-9._-]*")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?")
+_SPACE_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
+_SPACE_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -36,10 +51,17 @@ def parse_duration(text: str) -> float:
     text = text.strip()
     if text == "0":
         return 0.0
-    match = _DURATION_RE.match(text)
+    if text.isascii() and text.isdigit():
+        raise ValueError(f"{text!r} has no unit (write e.g. {text}s)")
+    match = _DURATION_RE.fullmatch(text)
     if not text or match is None or not any(match.groups()):
         raise ValueError(f"{text!r} is not a duration (use e.g. 500ms, 30s, 5m, 2h, 1d)")
-    return sum(int(g) * unit for g, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if g)
+    seconds = float(
+        sum(int(g) * unit for g, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if g)
+    )
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is too long (at most 292y)")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -83,27 +105,39 @@ class ListenAddress:
 
 
 def parse_listen_address(text: str) -> ListenAddress:
-    """Parse `HOST:PORT`, `:PORT` (all interfaces) or `[IPv6]:PORT`."""
+    """Parse `HOST:PORT`, `:PORT` (all interfaces) or `[IPv6]:PORT`; port 0 picks a free port."""
     text = text.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
+        valid_host = ":" in host and _IPV6_RE.fullmatch(host) is not None
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:9797 or :9797)")
+        valid_host = _HOST_RE.fullmatch(host) is not None
+    if not sep or not valid_host or not _PORT_RE.fullmatch(port) or int(port) > 65535:
+        raise ValueError(
+            f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:9797, :9797 or [::1]:9797; port 0..65535)"
+        )
     return ListenAddress(host or "0.0.0.0", int(port))
 
 
 def space_url(space: str) -> str:
     """A space name, a host, or a URL with a scheme (used as is) -> the API's base URL."""
-    space = space.strip().rstrip("/")
-    if "://" in space:
-        return space
-    if "." in space or ":" in space:
-        return f"https://{space}"
-    if not re.match(r"^[A-Za-z0-9-]+$", space):
-        raise ValueError(f"{space!r} is not a space name, host or URL")
-    return f"https://{space}.signalwire.com"
+    text = space.strip()
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("a URL must not carry credentials; use project_id and api_token")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{text!r} is not an http:// or https:// URL with a host")
+        return text.rstrip("/")
+    host = text.rstrip("/")
+    if _SPACE_NAME_RE.fullmatch(host):
+        return f"https://{host}.signalwire.com"
+    if _SPACE_HOST_RE.fullmatch(host):
+        return f"https://{host}"
+    raise ValueError(
+        f"{text!r} is not a space name (example), a host (example.signalwire.com) or a URL"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +186,7 @@ class _Reader:
         self.environ = environ
 
     def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: {message}")
+        return ConfigError(f"{self.source}: {key or '(top level)'}: {message}")
 
     def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
         if value is None:
@@ -186,11 +220,13 @@ class _Reader:
             raise self.error(key, str(exc)) from None
 
     def duration(self, value: Any, key: str, minimum: float = 0.0) -> float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and value != 0:
-            raise self.error(key, f"{value!r} has no unit (write e.g. {value}s)")
+        if isinstance(value, bool):
+            raise self.error(key, "must be a duration (e.g. 30s), got a boolean")
         seconds = self.convert(value, key, parse_duration)
         if seconds < minimum:
-            raise self.error(key, f"must be at least {format_duration(minimum)}")
+            raise self.error(
+                key, f"must be at least {format_duration(minimum)}, got {format_duration(seconds)}"
+            )
         return seconds
 
     def integer(self, value: Any, key: str, low: int, high: int | None = None) -> int:
@@ -209,14 +245,14 @@ class _Reader:
 
 
 def _to_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
+    if not _INT_RE.fullmatch(text.strip()):
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else type(value).__name__
+    names = {str: "a string", list: "a list", dict: "a mapping", bool: "a boolean"}
+    return "nothing" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _join(parent: str, key: str) -> str:
@@ -315,7 +351,7 @@ def _projects(r: _Reader, value: Any) -> tuple[ProjectConfig, ...]:
             if entry.get(required) in (None, ""):
                 raise r.error(f"{key}.{required}", "is required")
         name = r.string(entry["name"], f"{key}.name")
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise r.error(f"{key}.name", f"{name!r} must match [a-z0-9_-]+")
         if name in seen:
             raise r.error(f"{key}.name", f"{name!r} is used by another project")
@@ -334,17 +370,20 @@ def _token(r: _Reader, entry: dict[str, Any], key: str) -> tuple[str, str | None
     has_inline = entry.get("api_token") not in (None, "")
     has_file = entry.get("api_token_file") not in (None, "")
     if has_inline and has_file:
-        raise r.error(key, "set api_token or api_token_file, not both")
+        raise r.error(f"{key}.api_token", "set api_token or api_token_file, not both")
     if has_file:
         path = r.string(entry["api_token_file"], f"{key}.api_token_file")
-        token = read_token_file(path)
-        if token is None:
-            raise r.error(f"{key}.api_token_file", f"cannot read {path}")
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise r.error(f"{key}.api_token_file", f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise r.error(f"{key}.api_token_file", f"cannot read {path}: not UTF-8 text") from None
         if not token:
             raise r.error(f"{key}.api_token_file", f"{path} is empty")
         return token, path
     if not has_inline:
-        raise r.error(f"{key}.api_token", "is required (or api_token_file)")
+        raise r.error(f"{key}.api_token", "missing token: set api_token or api_token_file")
     token = r.string(entry["api_token"], f"{key}.api_token").strip()
     if not token:
         raise r.error(f"{key}.api_token", "is empty")
@@ -365,13 +404,43 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (pass --config.file PATH)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read: not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
     return parse_config(data, path, environ)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps scalars as written (only null is implicit) and refuses duplicate
+    keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            first = seen.setdefault(key_node.value, key_node.start_mark)
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key_node.value!r} is defined twice (first on line {first.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_NULL_TAG = "tag:yaml.org,2002:null"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in (_MERGE_TAG, _NULL_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}

@@ -7,7 +7,7 @@ import difflib
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import NoReturn
 
@@ -159,7 +159,7 @@ def _run(config_file: str, listen: ListenAddress | None) -> int:
     return serve(Exporter(config, listen))
 
 
-def serve(exporter: Exporter) -> int:
+def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> int:
     """Run an Exporter until SIGTERM/SIGINT; 0 after a clean stop, 1 on a fatal error."""
     log = structlog.get_logger()
     stopping = threading.Event()
@@ -171,6 +171,8 @@ def serve(exporter: Exporter) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         exporter.start()
+        if on_started is not None:
+            on_started()
         while not stopping.wait(1.0):
             pass
     except (FatalError, StateError) as exc:

@@ -61,16 +61,20 @@ def run_demo(listen: ListenAddress | None, rate: float) -> int:
         )
         exporter = Exporter(config)
         traffic.start()
-        print(
-            f"SignalWire simulator: {api.base_url}/api/messaging/logs "
-            f"(project {DEMO_PROJECT_ID}, {rate:g} messages/s)\n"
-            f"Exporter:             http://localhost:{config.listen_address.port}/  "
-            f"(metrics: http://localhost:{config.listen_address.port}/metrics)\n"
-            "Counts appear within a few seconds. Press Ctrl-C to stop.",
-            file=sys.stderr,
-            flush=True,
-        )
+
+        def announce() -> None:
+            assert exporter.server is not None
+            url = exporter.server.url
+            print(
+                f"SignalWire simulator: {api.base_url}/api/messaging/logs "
+                f"(project {DEMO_PROJECT_ID}, {rate:g} messages/s)\n"
+                f"Exporter:             {url}/  (metrics: {url}/metrics)\n"
+                "Counts appear within a few seconds. Press Ctrl-C to stop.",
+                file=sys.stderr,
+                flush=True,
+            )
+
         try:
-            return serve(exporter)
+            return serve(exporter, announce)
         finally:
             traffic.stop()

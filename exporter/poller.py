@@ -19,6 +19,7 @@ import structlog
 from exporter.client import ApiError, AuthError, Client, Page, RetryPolicy, Stopped
 from exporter.config import Config, ProjectConfig, read_token_file
 from exporter.ledger import Batch, LabelKey, Ledger, PollDelta, Rules, Totals
+from exporter.logs import redact
 from exporter.records import InvalidRecord, Message, parse_message
 from exporter.store import CommitError, Store
 
@@ -282,6 +283,7 @@ class ProjectPoller:
         token = read_token_file(path)
         if not token or token == self._token:
             return False
+        redact(token)
         self._token = token
         self.client.set_token(token)
         return True

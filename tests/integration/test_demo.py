@@ -50,4 +50,4 @@ def test_demo_shows_varied_counts_and_the_project_up(tmp_path: object) -> None:
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr
-    assert f"http://localhost:{port}/".encode() in stderr
+    assert f"http://127.0.0.1:{port}/".encode() in stderr

@@ -91,34 +91,49 @@ class Store:
             ) from None
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            if app_id != APPLICATION_ID and tables:
-                conn.close()
-                raise self._refuse("is a SQLite database of another program")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            if not tables:
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._release()
+            raise self._refuse(f"cannot be opened ({exc})") from None
+        try:
+            self._prepare(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            self._release()
+            raise self._refuse(f"cannot be read ({exc})") from None
+        except StateError:
+            conn.close()
+            self._release()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Check that the file is ours (or empty), then create the schema, all or nothing.
+
+        Nothing is written to a file that is refused.
+        """
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        # A file marked by another program, or holding tables without our mark, is not ours.
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+            raise self._refuse("is a SQLite database of another program")
+        if "meta" in tables:
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif row[0] != str(SCHEMA_VERSION):
-                conn.close()
+            if row is not None and row[0] != str(SCHEMA_VERSION):
                 raise StateError(
                     f"state file {self.path}: schema version {row[0]} is not supported by this "
                     f"version (expects {SCHEMA_VERSION}); run the version that wrote it"
                 )
-        except sqlite3.DatabaseError as exc:
-            self._release()
-            raise self._refuse(f"cannot be read ({exc})") from None
-        except StateError:
-            self._release()
-            raise
-        return conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
 
     def _release(self) -> None:
         if self._lock_fd >= 0:
@@ -145,9 +160,16 @@ class Store:
         ).fetchone()
         if row is None:
             start = now - start_from
-            with c:
-                c.execute("BEGIN IMMEDIATE")
-                c.execute("INSERT INTO project VALUES (?, ?, ?)", (project, start, start))
+            try:
+                with c:
+                    c.execute("BEGIN IMMEDIATE")
+                    c.execute("INSERT INTO project VALUES (?, ?, ?)", (project, start, start))
+            except sqlite3.Error as exc:
+                raise StateError(
+                    f"state file {self.path}: cannot record the start point of project "
+                    f"{project} ({exc}); make the file and its directory writable, or free disk "
+                    "space"
+                ) from None
             return LedgerState(start_point=start, cursor=start)
         state = LedgerState(start_point=row[0], cursor=row[1])
         for r in c.execute(

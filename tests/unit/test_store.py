@@ -1,0 +1,547 @@
+"""The state store: durable, atomic per poll, and never silently replacing a file it cannot use."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.config import SettleConfig
+from exporter.ledger import Ledger, LedgerState, Pending, PollDelta, Rules, Totals
+from exporter.records import Message
+from exporter.store import APPLICATION_ID, CommitError, StateError, Store
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = 1_790_000_000.0
+KEY = ("outbound-api", "sms", "delivered", "")
+
+
+def message(
+    message_id: str,
+    created_at: float = NOW - 100,
+    status: str = "sent",
+    *,
+    direction: str = "outbound-api",
+    kind: str = "sms",
+    error_code: str = "",
+    error_message: str | None = None,
+    segments: int = 1,
+    charge_nano: int = 4_150_000,
+) -> Message:
+    return Message(
+        message_id,
+        created_at,
+        direction,
+        kind,
+        status,
+        error_code,
+        error_message,
+        segments,
+        charge_nano,
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "state.db")
+
+
+@pytest.fixture
+def store(path: str) -> Iterator[Store]:
+    s = Store(path)
+    yield s
+    s.close()
+
+
+def reopened(path: str, project: str = "production") -> LedgerState:
+    """The project's state as a fresh process would load it."""
+    s = Store(path)
+    try:
+        return s.load(project, NOW + 10_000, 0.0)
+    finally:
+        s.close()
+
+
+def assert_same_state(actual: LedgerState, expected: LedgerState) -> None:
+    assert actual.start_point == expected.start_point
+    assert actual.cursor == expected.cursor
+    assert actual.pending == expected.pending
+    assert actual.settled == expected.settled
+    assert actual.totals == expected.totals
+    assert actual.error_info == expected.error_info
+    assert actual.window == expected.window
+
+
+# --------------------------------------------------------------------------- start point
+
+
+def test_first_load_records_the_start_point_durably(path: str) -> None:
+    first = Store(path)
+    state = first.load("production", NOW, 3600.0)
+    assert state.start_point == NOW - 3600.0
+    assert state.cursor == NOW - 3600.0
+    assert not state.pending and not state.settled and not state.totals
+    first.close()
+
+    # A later start, with another start_from, keeps the recorded start point.
+    second = Store(path)
+    again = second.load("production", NOW + 86_400, 0.0)
+    assert again.start_point == NOW - 3600.0
+    assert again.cursor == NOW - 3600.0
+    # Another project starts at its own first start.
+    other = second.load("staging", NOW + 86_400, 60.0)
+    assert other.start_point == NOW + 86_400 - 60.0
+    second.close()
+    assert reopened(path, "staging").start_point == NOW + 86_400 - 60.0
+
+
+def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
+    nested = tmp_path / "a" / "b" / "state.db"
+    s = Store(str(nested))
+    s.load("production", NOW, 0.0)
+    s.close()
+    assert nested.is_file()
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def full_delta() -> PollDelta:
+    pending_a = Pending(message("a", NOW - 50, "queued"), NOW - 40)
+    pending_b = Pending(
+        message(
+            "b",
+            NOW - 30.5,
+            "sent",
+            direction="outbound-reply",
+            kind="mms",
+            error_code="30007",
+            error_message="Message filtered by carrier",
+            segments=3,
+            charge_nano=45_000_000,
+        ),
+        NOW - 1.25,
+    )
+    return PollDelta(
+        cursor=NOW - 60,
+        settled_ids={"s1": NOW - 300, "s2": NOW - 200, "s3": NOW - 100},
+        totals={
+            KEY: Totals(2, 3, 8_300_000),
+            ("inbound", "sms", "received", ""): Totals(1, 1, 4_150_000),
+            ("outbound-api", "sms", "undelivered", "30003"): Totals(1, 2, 0),
+        },
+        pending_upserts={"a": pending_a, "b": pending_b},
+        pending_removed=set(),
+        prune_settled_before=NOW - 1000,
+        error_info={"30003": "Unreachable destination handset"},
+        window_add={
+            (int(NOW) - 10, "outbound-api", "sms"): (3, 1),
+            (int(NOW) - 5, "inbound", "sms"): (1, 0),
+        },
+        prune_window_before=int(NOW) - 900,
+    )
+
+
+def test_commit_load_round_trip_of_every_part(store: Store, path: str) -> None:
+    store.load("production", NOW - 500, 0.0)
+    delta = full_delta()
+    store.commit("production", delta)
+    store.close()
+    state = reopened(path)
+    assert state.start_point == NOW - 500
+    assert state.cursor == NOW - 60
+    assert state.pending == delta.pending_upserts
+    assert state.pending["b"].message.error_message == "Message filtered by carrier"
+    assert state.pending["a"].message.error_message is None
+    assert state.settled == delta.settled_ids
+    assert state.totals == delta.totals
+    assert state.error_info == delta.error_info
+    assert state.window == delta.window_add
+
+
+def test_second_commit_accumulates_replaces_and_prunes(store: Store, path: str) -> None:
+    store.load("production", NOW - 500, 0.0)
+    store.commit("production", full_delta())
+    newer_a = Pending(message("a", NOW - 50, "sent", charge_nano=1), NOW - 2)
+    store.commit(
+        "production",
+        PollDelta(
+            cursor=NOW - 30,
+            settled_ids={"b": NOW - 30.5, "s4": NOW - 20},
+            totals={KEY: Totals(1, 1, 4_150_000), ("inbound", "mms", "received", ""): Totals(1)},
+            pending_upserts={"a": newer_a, "c": Pending(message("c", NOW - 10), NOW)},
+            pending_removed={"b", "never-pending"},
+            prune_settled_before=NOW - 150,  # drops s1 and s2, keeps s3 and the new ones
+            error_info={"30003": "Handset unreachable (new wording)", "30007": "Filtered"},
+            window_add={
+                (int(NOW) - 5, "inbound", "sms"): (2, 1),  # accumulates
+                (int(NOW), "outbound-api", "mms"): (1, 0),
+            },
+            prune_window_before=int(NOW) - 7,  # drops the second at NOW - 10
+        ),
+    )
+    store.close()
+    state = reopened(path)
+    assert state.cursor == NOW - 30
+    assert set(state.pending) == {"a", "c"}
+    assert state.pending["a"] == newer_a
+    assert state.settled == {"s3": NOW - 100, "b": NOW - 30.5, "s4": NOW - 20}
+    assert state.totals == {
+        KEY: Totals(3, 4, 12_450_000),
+        ("inbound", "sms", "received", ""): Totals(1, 1, 4_150_000),
+        ("outbound-api", "sms", "undelivered", "30003"): Totals(1, 2, 0),
+        ("inbound", "mms", "received", ""): Totals(1, 0, 0),
+    }
+    assert state.error_info == {
+        "30003": "Handset unreachable (new wording)",
+        "30007": "Filtered",
+    }
+    assert state.window == {
+        (int(NOW) - 5, "inbound", "sms"): (3, 1),
+        (int(NOW), "outbound-api", "mms"): (1, 0),
+    }
+
+
+def test_projects_do_not_share_state(store: Store, path: str) -> None:
+    store.load("production", NOW, 0.0)
+    store.load("staging", NOW, 0.0)
+    store.commit("production", full_delta())
+    store.close()
+    staging = reopened(path, "staging")
+    assert staging.cursor == NOW
+    assert not staging.pending and not staging.settled and not staging.totals
+    assert not staging.error_info and not staging.window
+
+
+def test_totals_accumulate_across_many_commits_and_reopens(path: str) -> None:
+    for round_ in range(3):
+        s = Store(path)
+        s.load("production", NOW, 0.0)
+        for i in range(10):
+            n = round_ * 10 + i + 1
+            s.commit("production", PollDelta(cursor=NOW + n, totals={KEY: Totals(1, 2, 3)}))
+        s.close()
+    state = reopened(path)
+    assert state.totals == {KEY: Totals(30, 60, 90)}
+    assert state.cursor == NOW + 30
+
+
+# The store must hold exactly what the ledger holds after applying the same deltas.
+_ids = st.sampled_from([f"m{i}" for i in range(8)])
+_times = st.integers(min_value=0, max_value=400).map(lambda s: NOW - 400 + s + 0.25)
+_labels = st.sampled_from(["outbound-api", "inbound", "sms", "mms", "sent", "délivré", "x y"])
+_messages = st.builds(
+    message,
+    _ids,
+    _times,
+    _labels,
+    direction=_labels,
+    kind=_labels,
+    error_code=st.sampled_from(["", "30007", "other"]),
+    error_message=st.none() | st.text(max_size=20),
+    segments=st.integers(0, 10),
+    charge_nano=st.integers(0, 10**12),
+)
+_pendings = st.builds(Pending, _messages, _times)
+_label_keys = st.tuples(_labels, _labels, _labels, st.sampled_from(["", "30007", "other"]))
+_deltas = st.builds(
+    PollDelta,
+    cursor=_times,
+    settled_ids=st.dictionaries(_ids, _times, max_size=4),
+    totals=st.dictionaries(
+        _label_keys,
+        st.builds(Totals, st.integers(0, 5), st.integers(0, 15), st.integers(0, 10**10)),
+        max_size=4,
+    ),
+    pending_upserts=st.lists(_pendings, max_size=4).map(lambda ps: {p.message.id: p for p in ps}),
+    pending_removed=st.sets(_ids, max_size=4),
+    prune_settled_before=_times,
+    error_info=st.dictionaries(st.sampled_from(["30003", "30007"]), st.text(max_size=10)),
+    window_add=st.dictionaries(
+        st.tuples(st.integers(100, 120), _labels, _labels),
+        st.tuples(st.integers(0, 5), st.integers(0, 5)),
+        max_size=4,
+    ),
+    prune_window_before=st.integers(95, 125),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deltas=st.lists(_deltas, min_size=1, max_size=5))
+def test_store_holds_what_the_ledger_holds(deltas: list[PollDelta]) -> None:
+    rules = Rules(SettleConfig(), 30.0, 900.0, 50, 1000)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "state.db")
+        s = Store(path)
+        ledger = Ledger(rules, s.load("production", NOW, 600.0))
+        for delta in deltas:
+            s.commit("production", delta)
+            ledger.apply(delta)
+        s.close()
+        assert_same_state(reopened(path), ledger.state)
+
+
+# --------------------------------------------------------------------------- failing commits
+
+
+def committed_once(path: str) -> Store:
+    s = Store(path)
+    s.load("production", NOW - 500, 0.0)
+    s.commit("production", full_delta())
+    return s
+
+
+def next_delta() -> PollDelta:
+    return PollDelta(
+        cursor=NOW,
+        settled_ids={"a": NOW - 50},
+        totals={KEY: Totals(1, 1, 1)},
+        pending_upserts={"z": Pending(message("z"), NOW)},
+        pending_removed={"a", "b"},
+        prune_settled_before=NOW,
+        error_info={"30003": "changed"},
+        window_add={(int(NOW), "inbound", "sms"): (1, 1)},
+        prune_window_before=int(NOW),
+    )
+
+
+def test_a_commit_refused_by_the_database_changes_nothing(path: str) -> None:
+    s = committed_once(path)
+    before = s.load("production", NOW, 0.0)
+    s._conn.execute("PRAGMA query_only=ON")
+    with pytest.raises(CommitError, match=r"state\.db"):
+        s.commit("production", next_delta())
+    assert_same_state(s.load("production", NOW, 0.0), before)
+    # Once writing works again, so do commits.
+    s._conn.execute("PRAGMA query_only=OFF")
+    s.commit("production", next_delta())
+    assert reopened_after_close(s, path).cursor == NOW
+
+
+def reopened_after_close(s: Store, path: str) -> LedgerState:
+    s.close()
+    return reopened(path)
+
+
+def test_a_commit_failing_half_way_is_rolled_back(path: str) -> None:
+    s = committed_once(path)
+    before = s.load("production", NOW, 0.0)
+    # The cursor, pending and settled rows are written before the totals: fail there.
+    s._conn.execute(
+        "CREATE TEMP TRIGGER fail_totals BEFORE UPDATE ON main.totals"
+        " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    with pytest.raises(CommitError, match="disk is full"):
+        s.commit("production", next_delta())
+    assert_same_state(s.load("production", NOW, 0.0), before)
+    assert_same_state(reopened_after_close(s, path), before)
+
+
+def test_a_commit_with_a_value_sqlite_cannot_store_is_rolled_back(path: str) -> None:
+    s = committed_once(path)
+    before = s.load("production", NOW, 0.0)
+    bad = next_delta()
+    bad.error_info = {"30003": object()}  # type: ignore[dict-item]
+    with pytest.raises(CommitError):
+        s.commit("production", bad)
+    assert_same_state(reopened_after_close(s, path), before)
+
+
+def test_commit_after_close_raises_commit_error(path: str) -> None:
+    s = committed_once(path)
+    s.close()
+    with pytest.raises(CommitError):
+        s.commit("production", next_delta())
+
+
+def test_load_on_an_unwritable_store_names_the_file(path: str) -> None:
+    s = Store(path)
+    s._conn.execute("PRAGMA query_only=ON")
+    with pytest.raises(StateError, match=r"state\.db"):
+        s.load("production", NOW, 0.0)
+    s._conn.execute("PRAGMA query_only=OFF")
+    s.close()
+
+
+# --------------------------------------------------------------------------- refused files
+
+
+def assert_refused_and_untouched(file: Path, match: str) -> StateError:
+    before = file.read_bytes()
+    with pytest.raises(StateError, match=match) as info:
+        Store(str(file))
+    assert file.read_bytes() == before, "a refused file must not be changed"
+    assert str(file) in str(info.value)
+    # The refused open released the lock: the path can be used once the file is moved away.
+    moved = file.with_suffix(".moved")
+    file.rename(moved)
+    Store(str(file)).close()
+    return info.value
+
+
+def test_garbage_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    file = tmp_path / "state.db"
+    file.write_bytes(b"this is not a database, just some text\n" * 200)
+    error = assert_refused_and_untouched(file, "cannot be read")
+    assert "move it away" in str(error)
+    assert "backup" in str(error)
+
+
+def test_database_of_another_program_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "state.db"
+    conn = sqlite3.connect(file)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.execute("INSERT INTO users VALUES ('alice')")
+    conn.commit()
+    conn.close()
+    error = assert_refused_and_untouched(file, "another program")
+    assert "move it away" in str(error)
+
+
+def test_empty_database_marked_by_another_program_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "state.db"
+    conn = sqlite3.connect(file)
+    conn.execute("PRAGMA application_id=1234")
+    conn.close()
+    assert file.stat().st_size > 0
+    assert_refused_and_untouched(file, "another program")
+
+
+def test_database_of_a_newer_version_is_refused(path: str) -> None:
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="schema version 99"):
+        Store(path)
+
+
+def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
+    file = tmp_path / "state.db"
+    file.touch()
+    s = Store(str(file))
+    s.load("production", NOW, 0.0)
+    s.close()
+    conn = sqlite3.connect(file)
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    conn.close()
+
+
+def test_second_store_on_the_same_path_is_refused_while_the_first_is_open(path: str) -> None:
+    first = Store(path)
+    with pytest.raises(StateError, match="in use") as info:
+        Store(path)
+    assert path in str(info.value)
+    # The refusal did not disturb the first store.
+    first.load("production", NOW, 0.0)
+    first.commit("production", PollDelta(cursor=NOW + 1))
+    first.close()
+    second = Store(path)
+    assert second.load("production", NOW, 0.0).cursor == NOW + 1
+    second.close()
+
+
+def test_directory_as_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="directory") as info:
+        Store(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_close_is_idempotent(path: str) -> None:
+    s = Store(path)
+    s.close()
+    s.close()
+    Store(path).close()
+
+
+# --------------------------------------------------------------------------- kill -9
+
+_WRITER = """
+import sys
+from exporter.ledger import Pending, PollDelta, Totals
+from exporter.records import Message
+from exporter.store import Store
+
+store = Store(sys.argv[1])
+state = store.load("production", 0.0, 0.0)
+i = int(state.cursor)
+print("ready", i, flush=True)
+key = ("outbound-api", "sms", "delivered", "")
+while True:
+    i += 1
+    m = Message(f"p{i}", float(i), "outbound-api", "sms", "sent", "", None, 1, 1)
+    store.commit(
+        "production",
+        PollDelta(
+            cursor=float(i),
+            settled_ids={f"s{i}": float(i)},
+            totals={key: Totals(1, 2, 3)},
+            pending_upserts={f"p{i}": Pending(m, float(i))},
+            pending_removed={f"p{i - 1}"},
+            prune_settled_before=float(i - 20),
+            window_add={(i, "outbound-api", "sms"): (1, 0)},
+            prune_window_before=i - 20,
+        ),
+    )
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_in_the_middle_of_commits_never_shows_half_a_delta(path: str) -> None:
+    rng = random.Random()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    last_reported = 0
+    for _ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, path],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            assert child.stdout is not None
+            ready = child.stdout.readline().split()
+            assert ready[0] == "ready", ready
+            assert int(ready[1]) >= last_reported
+            # While the writer runs, its state file is locked against a second instance.
+            with pytest.raises(StateError, match="in use"):
+                Store(path)
+            target = int(ready[1]) + rng.randint(5, 150)
+            reported = int(ready[1])
+            while reported < target:
+                line = child.stdout.readline()
+                assert line, "the writer stopped on its own"
+                reported = int(line)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=10)
+        last_reported = reported
+
+        state = reopened(path)  # the kill released the lock
+        n = int(state.cursor)
+        assert n >= last_reported, "a commit that returned was lost"
+        assert state.totals == {("outbound-api", "sms", "delivered", ""): Totals(n, 2 * n, 3 * n)}
+        assert set(state.pending) == {f"p{n}"}
+        assert state.settled == {f"s{i}": float(i) for i in range(max(1, n - 20), n + 1)}
+        assert sum(s for s, _ in state.window.values()) == min(n, 21)
+        assert max(k[0] for k in state.window) == n

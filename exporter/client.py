@@ -32,6 +32,8 @@ from exporter.records import format_timestamp
 LOGS_PATH = "/api/messaging/logs"
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_PAGES_PER_LISTING = 100_000
+PAGE_TOKEN_ERRORS = ("page_token_is_invalid", "page_token_required")
+MAX_RESTARTS = 3
 MIN_SECRET_LENGTH = 6  # shorter tokens are not redacted from error texts
 
 
@@ -290,13 +292,24 @@ class Client:
         restore = parse_qsl(urlsplit(first).query)
         url: str | None = first
         seen: set[str] = set()
+        restarts = 0
         while url is not None:
             if url in seen:
                 raise self._error(f"links.next repeats an earlier page ({_redact_url(url)})")
             if len(seen) >= MAX_PAGES_PER_LISTING:
                 raise self._error(f"listing exceeds {MAX_PAGES_PER_LISTING} pages")
             seen.add(url)
-            response, payload = self.request(url)
+            try:
+                response, payload = self.request(url)
+            except ApiError as exc:
+                # A rejected page token: start the listing again (what was already read is
+                # observed again harmlessly: observations are idempotent).
+                if exc.code not in PAGE_TOKEN_ERRORS or url == first or restarts >= MAX_RESTARTS:
+                    raise
+                restarts += 1
+                seen.clear()
+                url = first
+                continue
             if payload is None:
                 raise self._error(f"404 {LOGS_PATH} not found: is the space right?", 404)
             data = payload.get("data")

@@ -629,21 +629,35 @@ def test_auth_errors_are_not_retried(
     assert sim.requests_total == 1
 
 
-def test_invalidated_page_token_is_a_422_carrying_the_code(
+def test_a_rejected_page_token_restarts_the_listing(
     sim: Simulator, make_client: ClientFactory, reported: Requests
 ) -> None:
     for i in range(7):
         add(sim, T0 - 100 + i)
     pages = make_client(page_size=3).list_pages(T0 - 3600)
-    assert len(next(pages).records) == 3
+    ids = {r["id"] for r in next(pages).records}
     sim.invalidate_page_tokens()
+    for page in pages:
+        ids |= {r["id"] for r in page.records}
+    assert ids == {m.id for m in sim.messages(PROJECT)}
+    assert reported.codes == ["200", "422", "200", "200", "200"]
+
+
+def test_a_page_token_rejected_every_time_is_an_error_carrying_the_code(
+    sim: Simulator, make_client: ClientFactory, reported: Requests
+) -> None:
+    for i in range(7):
+        add(sim, T0 - 100 + i)
+    pages = make_client(page_size=3).list_pages(T0 - 3600)
     with pytest.raises(ApiError) as info:
-        next(pages)
+        while True:
+            next(pages)
+            sim.invalidate_page_tokens()
     assert not isinstance(info.value, AuthError)
     assert info.value.status == 422
     assert info.value.code == "page_token_is_invalid"
     assert "Page token is invalid" in str(info.value)
-    assert reported.codes == ["200", "422"]
+    assert reported.codes.count("422") == 4  # the first refusal and three restarts
 
 
 def test_history_limit_is_a_422_carrying_the_code(

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit clean
+.PHONY: demo test lint unit tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict exporter
 
-test: lint
+test: lint tools
 	$(BIN)/pytest -q
+
+# Prometheus, promtool, Alertmanager and amtool from the distribution, when missing: the monitoring
+# tests run the real ones.
+tools:
+	@./scripts/ensure-tools.sh
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

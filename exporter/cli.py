@@ -19,6 +19,7 @@ from exporter.config import ConfigError, ListenAddress, load_config, parse_liste
 from exporter.daemon import Exporter, FatalError
 from exporter.logs import LEVELS, configure, redact, scrub
 from exporter.store import StateError
+from exporter.webconfig import WebConfig, load_web_config
 
 COMMANDS = ("run", "check", "demo")
 PROG = "signalwire-exporter"
@@ -87,6 +88,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
             metavar="HOST:PORT",
             help="address for /metrics (default: listen_address of the file, or 0.0.0.0:9797)",
         )
+        p.add_argument(
+            "--web.config.file",
+            dest="web_config",
+            metavar="PATH",
+            help="TLS and basic auth for every endpoint, in the exporter-toolkit format",
+        )
     if command == "demo":
         p.add_argument(
             "--demo.rate",
@@ -147,16 +154,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "demo":
             from exporter.demo import run_demo
 
-            return run_demo(options.listen, options.rate)
-        return _run(options.config_file, options.listen)
+            return run_demo(options.listen, options.rate, _web(options.web_config))
+        return _run(options.config_file, options.listen, options.web_config)
     except ConfigError as exc:
         print(_one_line(f"{PROG}: configuration error: {scrub(str(exc))}"), file=sys.stderr)
         return 2
 
 
-def _run(config_file: str, listen: ListenAddress | None) -> int:
+def _web(path: str | None) -> WebConfig | None:
+    return load_web_config(path) if path else None
+
+
+def _run(config_file: str, listen: ListenAddress | None, web_config: str | None) -> int:
     config = load_config(config_file)
-    return serve(Exporter(config, listen))
+    web = _web(web_config)
+    return serve(Exporter(config, listen, web=web))
 
 
 def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> int:

@@ -15,6 +15,7 @@ from exporter.metrics import build_registry
 from exporter.poller import Counters, ProjectPoller, ProjectStatus
 from exporter.server import ExporterServer
 from exporter.store import Store
+from exporter.webconfig import WebConfig
 
 
 class FatalError(Exception):
@@ -27,8 +28,10 @@ class Exporter:
         config: Config,
         listen: ListenAddress | None = None,
         clock: Callable[[], float] = time.time,
+        web: WebConfig | None = None,
     ) -> None:
         self.config = config
+        self.web = web
         self.listen = listen or config.listen_address
         self.clock = clock
         self.stop = threading.Event()
@@ -50,7 +53,7 @@ class Exporter:
         """Listen, load the state, and start polling. Raises FatalError or StateError."""
         registry = build_registry(self.statuses, self.counters)
         try:
-            self.server = ExporterServer(self.listen, registry, self.statuses, self.ready)
+            self.server = ExporterServer(self.listen, registry, self.statuses, self.ready, self.web)
         except OSError as exc:
             raise FatalError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
         self.server.start()

@@ -23,6 +23,7 @@ from exporter.simulator import (
     TrafficProfile,
     random_message_args,
 )
+from exporter.webconfig import WebConfig
 
 DEMO_PROJECT_ID = "00000000-demo-0000-0000-000000000000"
 DEMO_TOKEN = "PTdemo-not-a-real-token"
@@ -44,7 +45,7 @@ def demo_config(base_url: str, state_path: str, listen: ListenAddress) -> Config
     )
 
 
-def run_demo(listen: ListenAddress | None, rate: float) -> int:
+def run_demo(listen: ListenAddress | None, rate: float, web: WebConfig | None = None) -> int:
     simulator = Simulator(seed=1)
     simulator.add_project(DEMO_PROJECT_ID, DEMO_TOKEN)
     rng = random.Random(7)
@@ -59,7 +60,7 @@ def run_demo(listen: ListenAddress | None, rate: float) -> int:
         config = demo_config(
             api.base_url, f"{state_dir}/demo.db", listen or ListenAddress("0.0.0.0", 9797)
         )
-        exporter = Exporter(config)
+        exporter = Exporter(config, web=web)
         traffic.start()
 
         def announce() -> None:

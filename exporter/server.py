@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import html
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.config import ListenAddress, format_duration
 from exporter.poller import ProjectStatus
+from exporter.webconfig import WebConfig
 
 # A client that connects and sends nothing must not hold a thread for long.
 REQUEST_TIMEOUT = 10.0
@@ -31,12 +34,14 @@ class ExporterServer(ThreadingHTTPServer):
         registry: CollectorRegistry,
         statuses: Callable[[], Sequence[ProjectStatus]],
         ready: Callable[[], bool],
+        web: WebConfig | None = None,
     ) -> None:
+        self.web = web or WebConfig()
         self.registry = registry
         self.statuses = statuses
         self.ready = ready
         if ":" in address.host:
-            self.address_family = __import__("socket").AF_INET6
+            self.address_family = socket.AF_INET6
         super().__init__((address.host, address.port), _Handler)
         self._thread: threading.Thread | None = None
 
@@ -44,7 +49,25 @@ class ExporterServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         shown = "localhost" if host in ("0.0.0.0", "::") else str(host)
-        return f"http://{shown}:{port}"
+        scheme = "https" if self.web.tls else "http"
+        return f"{scheme}://{shown}:{port}"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.web.tls is not None:
+            # The handshake happens in the connection's own thread (finish_request), so a client
+            # that stalls it cannot hold up the accept loop.
+            sock = self.web.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(REQUEST_TIMEOUT)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError):
+                return  # not TLS (e.g. plain HTTP), a bad certificate, or too slow: refused
+        super().finish_request(request, client_address)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
@@ -71,6 +94,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(head=False)
 
     def _route(self, head: bool) -> None:
+        auth = self.server.web.auth
+        if auth is not None and not auth.check(self.headers.get("Authorization")):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="signalwire-exporter"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            body = b"Unauthorized.\n"
+            self.send_header("Content-Length", str(len(body)))
+            self._extra_headers()
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+            return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self._metrics(head)
@@ -103,9 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if gzipped:
             self.send_header("Content-Encoding", "gzip")
+        self._extra_headers()
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+    def _extra_headers(self) -> None:
+        for name, value in self.server.web.headers.items():
+            self.send_header(name, value)
 
 
 def _landing(statuses: Sequence[ProjectStatus]) -> bytes:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real Prometheus tools the test suite runs, from the distribution's packages, when
 # they are missing. Debian/Ubuntu: prometheus (prometheus, promtool) and prometheus-alertmanager
-# (alertmanager, amtool).
+# (alertmanager, amtool); openssl makes the certificates of the TLS tests.
 set -euo pipefail
 
 missing=()
@@ -9,6 +9,7 @@ command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(
 command -v amtool >/dev/null \
   && { command -v alertmanager >/dev/null || command -v prometheus-alertmanager >/dev/null; } \
   || missing+=(prometheus-alertmanager)
+command -v openssl >/dev/null || missing+=(openssl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null; then

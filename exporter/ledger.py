@@ -32,6 +32,18 @@ LabelKey = tuple[str, str, str, str]  # direction, kind, status, error_code
 WindowKey = tuple[int, str, str]  # settlement second, direction, kind
 FAILED_STATUSES = frozenset({"failed", "undelivered"})
 OTHER_ERROR_CODE = "other"
+OTHER_LABEL_VALUE = "other"
+# SignalWire's documented values of direction, kind and status. New values are passed through as
+# labels, but at most MAX_NEW_LABEL_VALUES of them per label and project: garbage from the API must
+# not explode the number of series. Past that they show as "other".
+KNOWN_LABEL_VALUES = (
+    frozenset({"inbound", "outbound", "outbound-api", "outbound-call", "outbound-reply"}),
+    frozenset({"sms", "mms", "whatsapp"}),
+    frozenset(
+        {"queued", "initiated", "sent", "delivered", "undelivered", "failed", "received", "read"}
+    ),
+)
+MAX_NEW_LABEL_VALUES = 10
 
 # How long after a message's creation it may take to appear in a listing (ingestion delay and the
 # difference between our clock and SignalWire's). The cursor trails the listing start by this much.
@@ -80,6 +92,37 @@ class LedgerState:
 
     def error_codes(self) -> set[str]:
         return {k[3] for k in self.totals if k[3] not in ("", OTHER_ERROR_CODE)}
+
+    def label_values(self) -> LabelValues:
+        """The label values admitted so far: the documented ones and those already counted."""
+        admitted: tuple[set[str], set[str], set[str]] = (set(), set(), set())
+        for key in self.totals:
+            for i in range(3):
+                if key[i] not in KNOWN_LABEL_VALUES[i]:
+                    admitted[i].add(key[i])
+        return LabelValues(admitted)
+
+
+class LabelValues:
+    """Maps direction, kind and status to label values, admitting new ones up to the cap."""
+
+    def __init__(self, admitted: tuple[set[str], set[str], set[str]]) -> None:
+        self.admitted = admitted
+
+    def _value(self, i: int, value: str) -> str:
+        if value in KNOWN_LABEL_VALUES[i] or value in self.admitted[i]:
+            return value
+        if len(self.admitted[i] - {OTHER_LABEL_VALUE}) < MAX_NEW_LABEL_VALUES:
+            self.admitted[i].add(value)
+            return value
+        return OTHER_LABEL_VALUE
+
+    def of(self, message: Message) -> tuple[str, str, str]:
+        return (
+            self._value(0, message.direction),
+            self._value(1, message.kind),
+            self._value(2, message.status),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +246,9 @@ class Ledger:
     def pending_by_labels(self) -> dict[tuple[str, str, str], int]:
         """signalwire_messages_pending: direction, kind, latest status -> count."""
         counts: dict[tuple[str, str, str], int] = {}
+        labels = self.state.label_values()
         for pending in self.state.pending.values():
-            m = pending.message
-            key = (m.direction, m.kind, m.status)
+            key = labels.of(pending.message)
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -292,6 +335,7 @@ class Batch:
                 to_settle.append((last.message, now))
                 delta.settled_by_timeout += 1
         codes = state.error_codes()
+        labels = state.label_values()
         second = int(now)
         for message, _ in to_settle:
             delta.settled_ids[message.id] = message.created_at
@@ -303,14 +347,15 @@ class Batch:
                     codes.add(code)
                 else:
                     code = OTHER_ERROR_CODE
-            key = (message.direction, message.kind, message.status, code)
+            direction, kind, status = labels.of(message)
+            key = (direction, kind, status, code)
             inc = delta.totals.setdefault(key, Totals())
             inc.messages += 1
             inc.segments += message.segments
             inc.charge_nano += message.charge_nano
             if code and code != OTHER_ERROR_CODE and message.error_message:
                 delta.error_info[code] = message.error_message
-            wkey = (second, message.direction, message.kind)
+            wkey = (second, direction, kind)
             settled, failed = delta.window_add.get(wkey, (0, 0))
             delta.window_add[wkey] = (settled + 1, failed + (message.status in FAILED_STATUSES))
         delta.prune_settled_before = cursor - LISTING_SLACK - 1.0

@@ -9,7 +9,9 @@ import pytest
 from exporter.config import SettleConfig
 from exporter.ledger import (
     CURSOR_SAFETY,
+    MAX_NEW_LABEL_VALUES,
     OTHER_ERROR_CODE,
+    OTHER_LABEL_VALUE,
     Ledger,
     LedgerState,
     PollDelta,
@@ -359,3 +361,23 @@ def test_totals_accumulate_across_polls() -> None:
     poll(ledger, T0 + 10, msg("a", "delivered"))
     poll(ledger, T0 + 20, msg("b", "delivered", segments=4, charge_nano=1))
     assert ledger.state.totals[("outbound-api", "sms", "delivered", "")] == Totals(2, 5, 4_150_001)
+
+
+def test_new_label_values_pass_through_up_to_a_cap() -> None:
+    ledger = new_ledger()
+    news = [msg(f"n{i}", "delivered", kind=f"rcs{i}") for i in range(MAX_NEW_LABEL_VALUES + 3)]
+    poll(ledger, T0 + 10, msg("w", "delivered", kind="whatsapp"), *news)
+    kinds = {key[1] for key in ledger.state.totals}
+    assert "whatsapp" in kinds and "sms" not in kinds
+    assert {f"rcs{i}" for i in range(MAX_NEW_LABEL_VALUES)} <= kinds
+    assert ledger.state.totals[("outbound-api", OTHER_LABEL_VALUE, "delivered", "")].messages == 3
+    # Admitted values stay admitted; a value past the cap stays "other".
+    poll(ledger, T0 + 20, msg("a", "delivered", kind="rcs0"), msg("b", "delivered", kind="zzz"))
+    assert ledger.state.totals[("outbound-api", "rcs0", "delivered", "")].messages == 2
+    assert ledger.state.totals[("outbound-api", OTHER_LABEL_VALUE, "delivered", "")].messages == 4
+    # Pending messages use the same rule.
+    poll(ledger, T0 + 30, msg("p", "accepted", kind="zzz"), msg("q", "read-later"))
+    assert ledger.pending_by_labels() == {
+        ("outbound-api", OTHER_LABEL_VALUE, "accepted"): 1,
+        ("outbound-api", "sms", "read-later"): 1,
+    }

@@ -353,7 +353,9 @@ def test_run_refuses_a_state_file_that_is_not_sqlite(tmp_path: Path) -> None:
 
 
 class FakeExporter:
-    def __init__(self, config: Config, listen: ListenAddress | None = None) -> None:
+    def __init__(
+        self, config: Config, listen: ListenAddress | None = None, web: object = None
+    ) -> None:
         self.config = config
         self.listen = listen or config.listen_address
         self.started = self.stopped = False

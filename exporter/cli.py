@@ -86,7 +86,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
             dest="listen",
             type=_listen,
             metavar="HOST:PORT",
-            help="address for /metrics (default: listen_address of the file, or 0.0.0.0:9797)",
+            help=(
+                "address for /metrics (default: listen_address of the file, or 0.0.0.0:9797)"
+                if command == "run"
+                else "address for /metrics (default: 0.0.0.0:9797)"
+            ),
         )
         p.add_argument(
             "--web.config.file",
@@ -116,6 +120,14 @@ _DESCRIPTIONS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the daemon (e.g. during check): a quiet stop
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("--version", "-V", "version"):
         print(f"{PROG} {__version__}")

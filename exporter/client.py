@@ -242,7 +242,12 @@ class Client:
                 return _Retry(self._error(f"{status} {exc}", status), self._backoff(attempt))
         message, code = _error_detail(response, body)
         if status in (401, 403):
-            raise self._error(f"{status} {message}", status, code, AuthError)
+            meaning = (
+                "invalid credentials (project id or API token)"
+                if status == 401
+                else "forbidden (does the API token have the Messaging scope?)"
+            )
+            raise self._error(f"{status} {meaning}: {message}", status, code, AuthError)
         if 300 <= status < 400:
             location = _redact_url(urljoin(url, response.headers.get("Location", "")))
             message = f"{message}: redirected to {location}; set the project's space to that URL"

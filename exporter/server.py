@@ -49,6 +49,8 @@ class ExporterServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         shown = "localhost" if host in ("0.0.0.0", "::") else str(host)
+        if ":" in shown:
+            shown = f"[{shown}]"
         scheme = "https" if self.web.tls else "http"
         return f"{scheme}://{shown}:{port}"
 

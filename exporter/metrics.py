@@ -65,6 +65,15 @@ class ExporterCollector(Collector):
         for status in statuses:
             bad.add_metric([status.name], invalid.get(status.name, 0))
         yield bad
+        errors = CounterMetricFamily(
+            "signalwire_poll_errors",
+            "Failed polls by reason: api (SignalWire unreachable or erring), auth (401/403), "
+            "state (the state file could not be written), internal.",
+            labels=["project", "reason"],
+        )
+        for (project, reason), value in sorted(self.counters.poll_errors_snapshot().items()):
+            errors.add_metric([project, reason], value)
+        yield errors
 
 
 def _message_families(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:

@@ -39,6 +39,7 @@ class Counters:
         self._lock = threading.Lock()
         self.api_requests: dict[tuple[str, str], int] = {}
         self.invalid_records: dict[str, int] = {}
+        self.poll_errors: dict[tuple[str, str], int] = {}
 
     def request(self, project: str, code: str) -> None:
         with self._lock:
@@ -49,9 +50,18 @@ class Counters:
         with self._lock:
             self.invalid_records[project] = self.invalid_records.get(project, 0) + 1
 
+    def poll_error(self, project: str, reason: str) -> None:
+        with self._lock:
+            key = (project, reason)
+            self.poll_errors[key] = self.poll_errors.get(key, 0) + 1
+
     def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
         with self._lock:
             return dict(self.api_requests), dict(self.invalid_records)
+
+    def poll_errors_snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.poll_errors)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class ProjectPoller:
                 break
             except Exception as exc:  # a bug must not kill the project's loop silently
                 self.log.error("poll crashed", error=repr(exc))
+                self.counters.poll_error(self.project.name, "internal")
                 self._publish(polled=True, up=False, duration=None, error=f"internal: {exc}")
                 ok = False
             interval = self.config.poll_interval
@@ -165,11 +176,13 @@ class ProjectPoller:
             if self._reload_token():
                 self.log.info("api token file changed; retrying with the new token")
                 return self.poll_once()
-            return self._failed(started, f"SignalWire rejected the credentials: {exc}", auth=True)
+            return self._failed(
+                started, f"SignalWire rejected the credentials: {exc}", "auth", alarm=True
+            )
         except ApiError as exc:
-            return self._failed(started, f"SignalWire API: {exc}")
+            return self._failed(started, f"SignalWire API: {exc}", "api")
         except CommitError as exc:
-            return self._failed(started, str(exc))
+            return self._failed(started, str(exc), "state", alarm=True)
         self.ledger.apply(delta)
         self._auth_failures = 0
         duration = self.clock() - started
@@ -288,11 +301,12 @@ class ProjectPoller:
         self.client.set_token(token)
         return True
 
-    def _failed(self, started: float, error: str, auth: bool = False) -> bool:
+    def _failed(self, started: float, error: str, reason: str, alarm: bool = False) -> bool:
         duration = self.clock() - started
         first_failure = self.status.up or not self.status.polled
         self._publish(polled=True, up=False, duration=duration, error=error)
-        log = self.log.error if auth or first_failure else self.log.warning
+        self.counters.poll_error(self.project.name, reason)
+        log = self.log.error if alarm or first_failure else self.log.warning
         log("poll failed", error=error, duration=round(duration, 3))
         return False
 

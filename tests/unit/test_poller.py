@@ -85,6 +85,7 @@ def test_bad_credentials_fail_once_per_poll_without_retry_storm(
     assert poller.status.last_error is not None and "401" in poller.status.last_error
     assert "PTwrong-token" not in poller.status.last_error
     assert counters.snapshot()[0] == {("prod", "401"): 1}
+    assert counters.poll_errors_snapshot() == {("prod", "auth"): 1}
 
 
 def test_a_rotated_token_file_is_picked_up_on_401(
@@ -104,9 +105,10 @@ def test_a_rotated_token_file_is_picked_up_on_401(
 def test_an_outage_then_recovery(api: tuple[Simulator, str], tmp_path: Path) -> None:
     simulator, base_url = api
     add(simulator)
-    poller, _ = make_poller(tmp_path, base_url)
+    poller, counters = make_poller(tmp_path, base_url)
     simulator.set_outage(True)
     assert not poller.poll_once()
+    assert counters.poll_errors_snapshot() == {("prod", "api"): 1}
     assert poller.status.totals == {}
     assert poller.status.last_error is not None and "503" in poller.status.last_error
     simulator.set_outage(False)

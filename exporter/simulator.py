@@ -32,6 +32,7 @@ import re
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -322,6 +323,12 @@ class Simulator:
         self.max_page_size = 1000
         self.list_order = "newest"
         self.history_limit: float | None = None  # seconds of history the list can reach
+        # Malformed records served on the first page of every listing of their project.
+        self.invalid_records: dict[str, list[Any]] = {}
+        self._repeat_next_remaining = 0
+        self._reject_tokens_remaining = 0
+        self._oversize_remaining = 0
+        self._oversize_extra = 0
         # Counters for tests: every request received, and those addressed to each endpoint.
         self.requests_total = 0
         self.list_requests = 0
@@ -449,6 +456,26 @@ class Simulator:
         """While on, every request fails: mode "503", or "reset" (connection closed unanswered)."""
         self.faults.set_outage(on, mode)
 
+    def add_invalid_record(self, project_id: str, record: Any) -> None:
+        """A malformed record (missing field, wrong type...) listed on every first page."""
+        with self._lock:
+            self.invalid_records.setdefault(project_id, []).append(record)
+
+    def reject_page_tokens(self, n: int) -> None:
+        """The next n requests carrying a page token are answered 422 page_token_is_invalid."""
+        with self._lock:
+            self._reject_tokens_remaining = n
+
+    def repeat_next_link(self, n: int) -> None:
+        """The next n listing pages that have a next page point links.next at themselves."""
+        with self._lock:
+            self._repeat_next_remaining = n
+
+    def oversize_pages(self, n: int, extra: int) -> None:
+        """The next n listing pages carry `extra` records more than page_size asked for."""
+        with self._lock:
+            self._oversize_remaining, self._oversize_extra = n, extra
+
     def invalidate_page_tokens(self) -> None:
         """Page tokens issued so far are answered 422 page_token_is_invalid."""
         with self._lock:
@@ -540,7 +567,11 @@ class Simulator:
         raw_token = param("page_token")
         token: _PageToken | None = None
         if raw_token is not None:
-            token = self._decode_token(raw_token)
+            with self._lock:
+                rejected = self._reject_tokens_remaining > 0
+                if rejected:
+                    self._reject_tokens_remaining -= 1
+            token = None if rejected else self._decode_token(raw_token)
             if (
                 token is None
                 or token.project_id != project.id
@@ -568,7 +599,16 @@ class Simulator:
         else:
             records.sort(key=lambda m: (-m.created_at, m.id))
         offset = page_number * page_size
-        page = records[offset : offset + page_size]
+        with self._lock:
+            extra = 0
+            if self._oversize_remaining > 0:
+                self._oversize_remaining -= 1
+                extra = self._oversize_extra
+            repeat = self._repeat_next_remaining > 0 and offset + page_size < len(records)
+            if repeat:
+                self._repeat_next_remaining -= 1
+            invalid = list(self.invalid_records.get(project.id, ())) if offset == 0 else []
+        page = records[offset : offset + page_size + extra]
 
         def link(number: int | None, keep_filters: bool, token_offset: int | None) -> str:
             params: list[tuple[str, str]] = []
@@ -597,7 +637,10 @@ class Simulator:
             links["next"] = link(page_number + 1, keep, offset + page_size)
         if page_number > 0:
             links["prev"] = link(page_number - 1, keep, offset - page_size)
-        return Response(200, {"links": links, "data": [m.to_json(now, base_url) for m in page]})
+        if repeat:
+            links["next"] = links["self"]
+        data = [m.to_json(now, base_url) for m in page] + invalid
+        return Response(200, {"links": links, "data": data})
 
     def _filter(
         self, filters: Mapping[str, str], now: float, errors: list[dict[str, Any]]
@@ -741,6 +784,12 @@ class _HTTPServer(ThreadingHTTPServer):
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (timeout, reset) is business as usual, not a traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup that can stall; it is not needed here.

@@ -213,6 +213,8 @@ def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> i
 
 def _check(config_file: str) -> int:
     config = load_config(config_file)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for project in config.projects:
         redact(project.api_token)
     failures = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -147,6 +147,7 @@ class ProjectConfig:
     project_id: str
     api_token: str = field(repr=False)
     api_token_file: str | None = None
+    token_in_file: bool = False  # written literally in the configuration file, not ${VAR}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +177,7 @@ class Config:
     request_timeout: float = 10.0
     page_size: int = 1000
     source: str = "<config>"
+    warnings: tuple[str, ...] = ()
 
 
 class _Reader:
@@ -362,7 +364,8 @@ def _projects(r: _Reader, value: Any) -> tuple[ProjectConfig, ...]:
         if not project_id:
             raise r.error(f"{key}.project_id", "is empty")
         token, token_file = _token(r, entry, key)
-        projects.append(ProjectConfig(name, base_url, project_id, token, token_file))
+        literal = token_file is None and _literal(entry.get("api_token"))
+        projects.append(ProjectConfig(name, base_url, project_id, token, token_file, literal))
     return tuple(projects)
 
 
@@ -390,6 +393,10 @@ def _token(r: _Reader, entry: dict[str, Any], key: str) -> tuple[str, str | None
     return token, None
 
 
+def _literal(value: Any) -> bool:
+    return isinstance(value, str) and "${" not in value
+
+
 def read_token_file(path: str) -> str | None:
     """The token in a file, stripped; None when unreadable (relative to the working directory)."""
     try:
@@ -415,7 +422,23 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    return parse_config(data, path, environ)
+    config = parse_config(data, path, environ)
+    return replace(config, warnings=_secret_warnings(config, path))
+
+
+def _secret_warnings(config: Config, path: str) -> tuple[str, ...]:
+    """A token written in a file that other users can read is a token they can read."""
+    try:
+        readable_by_others = os.stat(path).st_mode & 0o044
+    except OSError:
+        return ()
+    inline = [p.name for p in config.projects if p.token_in_file]
+    if not inline or not readable_by_others:
+        return ()
+    return (
+        f"{path} holds the API token of {', '.join(inline)} and is readable by other users: "
+        f"chmod 600 {path}, or use api_token_file or ${{VAR}} instead",
+    )
 
 
 class _Loader(yaml.SafeLoader):

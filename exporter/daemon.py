@@ -64,6 +64,8 @@ class Exporter:
             projects=",".join(p.name for p in self.config.projects),
             state_path=self.config.state_path,
         )
+        for warning in self.config.warnings:
+            self.log.warning("configuration readable by others", detail=warning)
         self.store = Store(self.config.state_path)
         for project in self.config.projects:
             poller = ProjectPoller(

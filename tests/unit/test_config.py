@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -423,7 +424,11 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
         """,
         {"SIGNALWIRE_PROJECT_ID": "pid", "SIGNALWIRE_API_TOKEN": TOKEN},
     )
-    assert config == load(tmp_path, PROJECT.replace("pid-1", "pid"))
+    literal = load(tmp_path, PROJECT.replace("pid-1", "pid"))
+    assert literal.projects[0].token_in_file and not config.projects[0].token_in_file
+    assert config.warnings == ()
+    same = [replace(p, token_in_file=False) for p in literal.projects]
+    assert config == replace(literal, projects=tuple(same), warnings=())
 
 
 # --------------------------------------------------------------------------- integers
@@ -730,3 +735,33 @@ def test_listen_address_in_the_file(tmp_path: Path) -> None:
 def test_state_path(tmp_path: Path) -> None:
     assert load(tmp_path, "state_path: /data/x.db\n" + PROJECT).state_path == "/data/x.db"
     assert ": state_path: " in error(tmp_path, "state_path: ''\n" + PROJECT)
+
+
+def test_a_token_written_in_a_file_others_can_read_gives_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "projects:\n"
+        "  - {name: a, space: x, project_id: i, api_token: PTliteral-token}\n"
+        "  - {name: b, space: x, project_id: i, api_token: '${TOKEN_B}'}\n"
+    )
+    path.chmod(0o644)
+    warnings = load_config(str(path), {"TOKEN_B": "PTfrom-env"}).warnings
+    assert len(warnings) == 1
+    assert str(path) in warnings[0] and "chmod 600" in warnings[0]
+    assert " a " in warnings[0] and " b " not in warnings[0]
+    assert "PTliteral-token" not in warnings[0]
+    path.chmod(0o600)
+    assert load_config(str(path), {"TOKEN_B": "PTfrom-env"}).warnings == ()
+
+
+def test_tokens_from_the_environment_or_a_file_give_no_warning(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("PTfile-token\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "projects:\n"
+        f"  - {{name: a, space: x, project_id: i, api_token_file: {token_file}}}\n"
+        "  - {name: b, space: x, project_id: i, api_token: '${TOKEN_B}'}\n"
+    )
+    path.chmod(0o644)
+    assert load_config(str(path), {"TOKEN_B": "PTfrom-env"}).warnings == ()

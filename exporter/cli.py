@@ -1,4 +1,4 @@
-"""Command line (contract §1): run, check, demo, --version."""
+"""Command line (contract §1): run, check, demo, backfill, --version."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import difflib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import NoReturn
@@ -14,14 +15,21 @@ from typing import NoReturn
 import structlog
 
 from exporter import __version__
+from exporter.backfill import BackfillError, parse_label, parse_time, run_backfill
 from exporter.client import ApiError, Client, RetryPolicy
-from exporter.config import ConfigError, ListenAddress, load_config, parse_listen_address
+from exporter.config import (
+    ConfigError,
+    ListenAddress,
+    load_config,
+    parse_duration,
+    parse_listen_address,
+)
 from exporter.daemon import Exporter, FatalError
 from exporter.logs import LEVELS, configure, redact, scrub
 from exporter.store import StateError
 from exporter.webconfig import WebConfig, load_web_config
 
-COMMANDS = ("run", "check", "demo")
+COMMANDS = ("run", "check", "demo", "backfill")
 PROG = "signalwire-exporter"
 
 
@@ -72,7 +80,7 @@ def _rate(text: str) -> float:
 def _parser(command: str) -> argparse.ArgumentParser:
     prog = f"{PROG} {command}"
     p = _Parser(prog=prog, description=_DESCRIPTIONS[command], allow_abbrev=False)
-    if command in ("run", "check"):
+    if command in ("run", "check", "backfill"):
         p.add_argument(
             "--config.file",
             dest="config_file",
@@ -98,6 +106,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
             metavar="PATH",
             help="TLS and basic auth for every endpoint, in the exporter-toolkit format",
         )
+    if command == "backfill":
+        _backfill_arguments(p)
     if command == "demo":
         p.add_argument(
             "--demo.rate",
@@ -112,10 +122,59 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+def _time(text: str) -> str:
+    try:
+        parse_time(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _step(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds < 1:
+        raise argparse.ArgumentTypeError("must be at least 1s")
+    return seconds
+
+
+def _label(text: str) -> tuple[str, str]:
+    try:
+        return parse_label(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _backfill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from", dest="start", required=True, type=_time, metavar="TIME",
+        help="start of the period: an ISO date/time (2026-10-01) or a duration back (30d)",
+    )  # fmt: skip
+    p.add_argument(
+        "--to", dest="end", type=_time, metavar="TIME",
+        help="end of the period (default: where live counting started, or now)",
+    )  # fmt: skip
+    p.add_argument(
+        "--step", dest="step", type=_step, default=60.0, metavar="DURATION",
+        help="time between samples (default: 1m)",
+    )  # fmt: skip
+    p.add_argument(
+        "--label", dest="labels", type=_label, action="append", default=[], metavar="NAME=VALUE",
+        help="a label added to every series, e.g. job=signalwire (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", dest="output", required=True, metavar="FILE.om",
+        help="the OpenMetrics file to write",
+    )  # fmt: skip
+
+
 _DESCRIPTIONS = {
     "run": "Poll SignalWire message logs and serve Prometheus metrics (the default command).",
     "check": "Load the configuration and make one small authenticated request per project.",
     "demo": "Run the exporter against a built-in SignalWire simulator; no account needed.",
+    "backfill": "Write past message logs as OpenMetrics for promtool tsdb create-blocks-from.",
 }
 
 
@@ -163,6 +222,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if command == "check":
             return _check(options.config_file)
+        if command == "backfill":
+            return _backfill(options)
         if command == "demo":
             from exporter.demo import run_demo
 
@@ -171,6 +232,19 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as exc:
         print(_one_line(f"{PROG}: configuration error: {scrub(str(exc))}"), file=sys.stderr)
         return 2
+
+
+def _backfill(options: argparse.Namespace) -> int:
+    config = load_config(options.config_file)
+    for project in config.projects:
+        redact(project.api_token)
+    try:
+        return run_backfill(
+            config, options.start, options.end, options.step, options.labels, options.output
+        )
+    except (BackfillError, StateError) as exc:
+        print(_one_line(f"{PROG}: backfill: {scrub(str(exc))}"), file=sys.stderr)
+        return 1
 
 
 def _web(path: str | None) -> WebConfig | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import math
 import random
 import re
 import threading
@@ -280,20 +281,29 @@ class Client:
         return text
 
     # ----------------------------------------------------------------- the API
-    def list_url(self, created_after: float | None, page_size: int | None = None) -> str:
+    def list_url(
+        self,
+        created_after: float | None,
+        page_size: int | None = None,
+        created_before: float | None = None,
+    ) -> str:
         params = {"page_size": str(page_size or self.page_size)}
         if created_after is not None:
             params["created_after"] = format_timestamp(created_after)
+        if created_before is not None:
+            params["created_before"] = format_timestamp(math.ceil(created_before))
         return f"{self.base_url}{LOGS_PATH}?{urlencode(params)}"
 
-    def list_pages(self, created_after: float | None) -> Iterator[Page]:
+    def list_pages(
+        self, created_after: float | None, created_before: float | None = None
+    ) -> Iterator[Page]:
         """Every page of the listing of messages created after `created_after`.
 
         Follows `links.next` (absolute or relative), putting our filters and page size back when
         the link leaves them out, refusing links to another host (they would receive the
         credentials), and stopping with an error if a link repeats.
         """
-        first = self.list_url(created_after)
+        first = self.list_url(created_after, created_before=created_before)
         restore = parse_qsl(urlsplit(first).query)
         url: str | None = first
         seen: set[str] = set()

@@ -13,10 +13,26 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
+from exporter.ledger import Totals
 from exporter.poller import Counters, ProjectStatus
 from exporter.records import NANO
 
 MESSAGE_LABELS = ["project", "direction", "kind", "status", "error_code"]
+# The three message counters: family name, help, and the committed total each one shows
+# (the charge in nano-dollars, shown in dollars). /metrics and the backfill both use this.
+MESSAGE_FAMILIES: tuple[tuple[str, str, Callable[[Totals], int]], ...] = (
+    ("signalwire_messages", "Messages settled, by final outcome.", lambda t: t.messages),
+    ("signalwire_message_segments", "Segments of settled messages.", lambda t: t.segments),
+    (
+        "signalwire_message_charge_usd",
+        "Charge of settled messages, in US dollars.",
+        lambda t: t.charge_nano,
+    ),
+)
+
+
+def counter_value(family: str, total: int) -> float:
+    return total / NANO if family.endswith("_usd") else total
 
 
 class ExporterCollector(Collector):
@@ -77,19 +93,10 @@ class ExporterCollector(Collector):
 
 
 def _message_families(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
-    messages = CounterMetricFamily(
-        "signalwire_messages", "Messages settled, by final outcome.", labels=MESSAGE_LABELS
-    )
-    segments = CounterMetricFamily(
-        "signalwire_message_segments",
-        "Segments of settled messages.",
-        labels=MESSAGE_LABELS,
-    )
-    charge = CounterMetricFamily(
-        "signalwire_message_charge_usd",
-        "Charge of settled messages, in US dollars.",
-        labels=MESSAGE_LABELS,
-    )
+    counters = [
+        (CounterMetricFamily(name, help_text, labels=MESSAGE_LABELS), name, field_of)
+        for name, help_text, field_of in MESSAGE_FAMILIES
+    ]
     pending = GaugeMetricFamily(
         "signalwire_messages_pending",
         "Messages seen but not yet settled, by latest status.",
@@ -98,12 +105,12 @@ def _message_families(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
     for status in statuses:
         for key, totals in sorted(status.totals.items()):
             labels = [status.name, *key]
-            messages.add_metric(labels, totals.messages)
-            segments.add_metric(labels, totals.segments)
-            charge.add_metric(labels, totals.charge_nano / NANO)
+            for family, name, field_of in counters:
+                family.add_metric(labels, counter_value(name, field_of(totals)))
         for pkey, count in sorted(status.pending.items()):
             pending.add_metric([status.name, *pkey], count)
-    yield from (messages, segments, charge, pending)
+    yield from (family for family, _, _ in counters)
+    yield pending
 
 
 def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:

@@ -59,6 +59,26 @@ class CommitError(Exception):
     """A poll could not be committed (disk full, unwritable...): its effects are dropped."""
 
 
+def committed_start_point(path: str, project: str) -> float | None:
+    """A project's start point in a state file, read without taking it over (the daemon may be
+    running); None when the file or the project is not there yet."""
+    if not Path(path).is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = conn.execute(
+                "SELECT start_point FROM project WHERE name=?", (project,)
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        if "no such table" in str(exc):
+            return None
+        raise StateError(f"state file {path}: cannot be read ({exc})") from None
+    return None if row is None else float(row[0])
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -208,61 +228,87 @@ class Store:
             except sqlite3.Error as exc:
                 raise CommitError(f"cannot write state file {self.path}: {exc}") from None
 
+    def seed(self, project: str, start_point: float, delta: PollDelta) -> None:
+        """Record a project that has never run, with history already counted (a backfill).
+
+        Refused when the project already has state: its counters must never be rewritten.
+        """
+        with self._lock:
+            try:
+                c = self._conn
+                with c:
+                    c.execute("BEGIN IMMEDIATE")
+                    if c.execute("SELECT 1 FROM project WHERE name=?", (project,)).fetchone():
+                        raise StateError(
+                            f"state file {self.path}: project {project} has already started "
+                            "counting; its state is left as it is"
+                        )
+                    c.execute(
+                        "INSERT INTO project VALUES (?, ?, ?)", (project, start_point, start_point)
+                    )
+                    self._write(c, project, delta)
+            except sqlite3.Error as exc:
+                raise CommitError(f"cannot write state file {self.path}: {exc}") from None
+
     def _commit(self, project: str, delta: PollDelta) -> None:
         c = self._conn
         with c:
             c.execute("BEGIN IMMEDIATE")
-            c.execute("UPDATE project SET cursor=? WHERE name=?", (delta.cursor, project))
-            c.executemany(
-                "DELETE FROM pending WHERE project=? AND id=?",
-                ((project, i) for i in delta.pending_removed),
-            )
-            c.executemany(
-                "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            self._write(c, project, delta)
+
+    def _write(self, c: sqlite3.Connection, project: str, delta: PollDelta) -> None:
+        """One poll's effects, inside the caller's transaction."""
+        c.execute("UPDATE project SET cursor=? WHERE name=?", (delta.cursor, project))
+        c.executemany(
+            "DELETE FROM pending WHERE project=? AND id=?",
+            ((project, i) for i in delta.pending_removed),
+        )
+        c.executemany(
+            "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
                 (
-                    (
-                        project,
-                        i,
-                        p.message.created_at,
-                        p.message.direction,
-                        p.message.kind,
-                        p.message.status,
-                        p.message.error_code,
-                        p.message.error_message,
-                        p.message.segments,
-                        p.message.charge_nano,
-                        p.observed_at,
-                    )
-                    for i, p in delta.pending_upserts.items()
-                ),
-            )
-            c.executemany(
-                "INSERT OR REPLACE INTO settled VALUES (?,?,?)",
-                ((project, i, created) for i, created in delta.settled_ids.items()),
-            )
-            c.execute(
-                "DELETE FROM settled WHERE project=? AND created_at<?",
-                (project, delta.prune_settled_before),
-            )
-            c.executemany(
-                "INSERT INTO totals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
-                " messages=messages+excluded.messages, segments=segments+excluded.segments,"
-                " charge_nano=charge_nano+excluded.charge_nano",
-                (
-                    (project, *key, inc.messages, inc.segments, inc.charge_nano)
-                    for key, inc in delta.totals.items()
-                ),
-            )
-            c.executemany(
-                "INSERT OR REPLACE INTO error_info VALUES (?,?,?)",
-                ((project, code, text) for code, text in delta.error_info.items()),
-            )
-            c.executemany(
-                "INSERT INTO failure_window VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
-                " settled=settled+excluded.settled, failed=failed+excluded.failed",
-                ((project, *key, s, f) for key, (s, f) in delta.window_add.items()),
-            )
-            c.execute(
-                "DELETE FROM failure_window WHERE project=? AND second<?",
-                (project, delta.prune_window_before),
-            )
+                    project,
+                    i,
+                    p.message.created_at,
+                    p.message.direction,
+                    p.message.kind,
+                    p.message.status,
+                    p.message.error_code,
+                    p.message.error_message,
+                    p.message.segments,
+                    p.message.charge_nano,
+                    p.observed_at,
+                )
+                for i, p in delta.pending_upserts.items()
+            ),
+        )
+        c.executemany(
+            "INSERT OR REPLACE INTO settled VALUES (?,?,?)",
+            ((project, i, created) for i, created in delta.settled_ids.items()),
+        )
+        c.execute(
+            "DELETE FROM settled WHERE project=? AND created_at<?",
+            (project, delta.prune_settled_before),
+        )
+        c.executemany(
+            "INSERT INTO totals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+            " messages=messages+excluded.messages, segments=segments+excluded.segments,"
+            " charge_nano=charge_nano+excluded.charge_nano",
+            (
+                (project, *key, inc.messages, inc.segments, inc.charge_nano)
+                for key, inc in delta.totals.items()
+            ),
+        )
+        c.executemany(
+            "INSERT OR REPLACE INTO error_info VALUES (?,?,?)",
+            ((project, code, text) for code, text in delta.error_info.items()),
+        )
+        c.executemany(
+            "INSERT INTO failure_window VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+            " settled=settled+excluded.settled, failed=failed+excluded.failed",
+            ((project, *key, s, f) for key, (s, f) in delta.window_add.items()),
+        )
+        c.execute(
+            "DELETE FROM failure_window WHERE project=? AND second<?",
+            (project, delta.prune_window_before),
+        )

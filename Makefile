@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit tools clean
+.PHONY: demo test lint unit soak tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ tools:
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# The soak test alone, for as long as SOAK_SECONDS says (60 s in `make test`).
+soak: $(STAMP)
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(BIN)/pytest -q -s tests/integration/test_soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

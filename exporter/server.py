@@ -6,12 +6,14 @@ import gzip
 import html
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import structlog
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
@@ -27,6 +29,8 @@ REQUEST_TIMEOUT = 10.0
 class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops connections when many scrapers arrive at once.
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -61,6 +65,13 @@ class ExporterServer(ThreadingHTTPServer):
             # that stalls it cannot hold up the accept loop.
             sock = self.web.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up is business as usual; anything else is one log line."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError | ssl.SSLError):
+            return
+        structlog.get_logger().error("http request failed", error=repr(error))
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):

@@ -100,7 +100,11 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise StateError(f"state file {self.path}: cannot create: {exc.strerror}") from None
+            doing = "cannot open for writing" if path.exists() else "cannot create"
+            raise StateError(
+                f"state file {self.path}: {doing}: {exc.strerror}; make the file and its "
+                "directory writable by this user, or set state_path elsewhere"
+            ) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -141,7 +145,8 @@ class Store:
             if row is not None and row[0] != str(SCHEMA_VERSION):
                 raise StateError(
                     f"state file {self.path}: schema version {row[0]} is not supported by this "
-                    f"version (expects {SCHEMA_VERSION}); run the version that wrote it"
+                    f"version (expects {SCHEMA_VERSION}); run the newer version that wrote it, or "
+                    "restore a backup made by this version"
                 )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")

@@ -72,7 +72,11 @@ def test_totals_equal_ground_truth_for_any_interleaving(
         visible = [
             m
             for m in sim.messages(PROJECT)
-            if plan.created_after - 1 <= m.created_at <= now[0] - delay
+            if m.created_at <= now[0] - delay
+            and any(
+                after - 1 <= m.created_at <= (now[0] if before is None else before)
+                for after, before in plan.listings
+            )
         ]
         order = random.Random(order_seed)
         listing = visible + order.sample(visible, k=len(visible) // 3)  # duplicates

@@ -22,6 +22,7 @@ them again.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -125,11 +126,10 @@ class LabelValues:
         return OTHER_LABEL_VALUE
 
     def of(self, message: Message) -> tuple[str, str, str]:
-        return (
-            self._value(0, message.direction),
-            self._value(1, message.kind),
-            self._value(2, message.status),
-        )
+        return self.map(message.direction, message.kind, message.status)
+
+    def map(self, direction: str, kind: str, status: str) -> tuple[str, str, str]:
+        return self._value(0, direction), self._value(1, kind), self._value(2, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +185,21 @@ class Ledger:
         self.rules = rules
         self.state = state
         self._histogram: dict[int, int] = {}
+        # Kept up to date by apply(), so neither a poll nor a scrape walks every message.
+        self._pending_counts: dict[tuple[str, str, str], int] = {}
+        self._settled_by_age = [(created, i) for i, created in state.settled.items()]
+        heapq.heapify(self._settled_by_age)
         for pending in state.pending.values():
             self._count_sighting(pending.message.created_at)
+            self._count_pending(pending.message, 1)
+
+    def _count_pending(self, message: Message, change: int) -> None:
+        key = (message.direction, message.kind, message.status)
+        count = self._pending_counts.get(key, 0) + change
+        if count:
+            self._pending_counts[key] = count
+        else:
+            del self._pending_counts[key]
 
     # ----------------------------------------------------------------- planning
     def plan(self, now: float) -> PollPlan:
@@ -277,10 +290,22 @@ class Ledger:
                 self._count_sighting(created_at)
         state.cursor = delta.cursor
         for message_id in delta.pending_removed:
-            state.pending.pop(message_id, None)
-        state.pending.update(delta.pending_upserts)
-        state.settled.update(delta.settled_ids)
-        state.settled = {i: c for i, c in state.settled.items() if c >= delta.prune_settled_before}
+            removed = state.pending.pop(message_id, None)
+            if removed is not None:
+                self._count_pending(removed.message, -1)
+        for message_id, pending in delta.pending_upserts.items():
+            previous = state.pending.get(message_id)
+            if previous is not None:
+                self._count_pending(previous.message, -1)
+            self._count_pending(pending.message, 1)
+            state.pending[message_id] = pending
+        for message_id, created_at in delta.settled_ids.items():
+            state.settled[message_id] = created_at
+            heapq.heappush(self._settled_by_age, (created_at, message_id))
+        by_age = self._settled_by_age
+        while by_age and by_age[0][0] < delta.prune_settled_before:
+            _, message_id = heapq.heappop(by_age)
+            state.settled.pop(message_id, None)
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
         state.error_info.update(delta.error_info)
@@ -296,9 +321,9 @@ class Ledger:
         """signalwire_messages_pending: direction, kind, latest status -> count."""
         counts: dict[tuple[str, str, str], int] = {}
         labels = self.state.label_values()
-        for pending in self.state.pending.values():
-            key = labels.of(pending.message)
-            counts[key] = counts.get(key, 0) + 1
+        for raw, count in self._pending_counts.items():
+            key = labels.map(*raw)
+            counts[key] = counts.get(key, 0) + count
         return counts
 
     def failure_ratios(self, now: float) -> dict[tuple[str, str], float]:

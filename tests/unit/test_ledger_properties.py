@@ -91,6 +91,13 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             return
         ledger.apply(delta)
         settled_ids.extend(delta.settled_ids)
+        # The incrementally kept views agree with the state they summarise.
+        recount: dict[tuple[str, str, str], int] = {}
+        for p in ledger.state.pending.values():
+            key = (p.message.direction, p.message.kind, p.message.status)
+            recount[key] = recount.get(key, 0) + 1
+        assert ledger.pending_by_labels() == recount
+        assert all(c >= delta.prune_settled_before for c in ledger.state.settled.values())
         committed = copy.deepcopy(ledger.state)
 
     for op in ops:

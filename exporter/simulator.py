@@ -24,6 +24,7 @@ import binascii
 import bisect
 import contextlib
 import email.utils
+import functools
 import hashlib
 import hmac
 import io
@@ -161,10 +162,15 @@ class SimMessage:
             "number_of_segments": self.segments,
             "charge": state.charge,
             "charge_details": details,
-            "created_at": format_timestamp(self.created_at),
+            "created_at": _created_text(self.created_at),
             "error_code": state.error_code,
             "error_message": state.error_message,
         }
+
+
+@functools.lru_cache(maxsize=65536)
+def _created_text(epoch: float) -> str:
+    return format_timestamp(epoch)
 
 
 def format_timestamp(epoch: float) -> str:
@@ -613,12 +619,11 @@ class Simulator:
                 for created, i in index[first:last]
                 if created <= now and accept(created)
             ]
-        if self.list_order == "oldest":
-            records.sort(key=lambda m: (m.created_at, m.id))
-        elif self.list_order == "arbitrary":
+        # The index is in (created_at, id) order already.
+        if self.list_order == "arbitrary":
             records.sort(key=lambda m: hashlib.sha256(m.id.encode()).digest())
-        else:
-            records.sort(key=lambda m: (-m.created_at, m.id))
+        elif self.list_order != "oldest":
+            records.reverse()
         offset = page_number * page_size
         with self._lock:
             extra = 0

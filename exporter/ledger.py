@@ -48,17 +48,17 @@ MAX_NEW_LABEL_VALUES = 10
 
 # How long after a message's creation it may take to appear in a listing (ingestion delay and the
 # difference between our clock and SignalWire's). The cursor trails the listing start by this much.
-CURSOR_SAFETY = 60.0
+CURSOR_SAFETY = 30.0
 # created_after is second-precision and its inclusiveness is unconfirmed: list one second earlier.
 LISTING_SLACK = 1.0
 # Refresh tiers. The API has no "changed since" filter, so seeing a status change costs a request:
 # a re-listed page or a get-by-id. Most receipts come within seconds (the head listing sees them);
 # pending messages up to RECENT_AGE old are refreshed together every RECENT_EVERY_POLLS polls, so a
-# late receipt settles within a few polls; older ones are refreshed by id, at most
-# MIDDLE_GETS_PER_POLL a poll, every age/MIDDLE_AGE_DIVISOR; past settle.timeout they are
+# late receipt settles within a few polls; older ones are refreshed by id on those same polls, at
+# most MIDDLE_GETS_PER_POLL each time, every age/MIDDLE_AGE_DIVISOR; past settle.timeout they are
 # refreshed in batches every TIMEOUT_EVERY_POLLS polls and settle as they stand.
 RECENT_AGE = 600.0
-RECENT_EVERY_POLLS = 3
+RECENT_EVERY_POLLS = 4
 MIDDLE_AGE_DIVISOR = 4.0
 MIDDLE_GETS_PER_POLL = 1
 TIMEOUT_EVERY_POLLS = 3
@@ -164,7 +164,8 @@ class PollDelta:
     cursor: float
     settled_ids: dict[str, float] = field(default_factory=dict)  # id -> created_at
     totals: dict[LabelKey, Totals] = field(default_factory=dict)  # increments
-    pending_upserts: dict[str, Pending] = field(default_factory=dict)
+    pending_upserts: dict[str, Pending] = field(default_factory=dict)  # new or changed
+    pending_seen: dict[str, float] = field(default_factory=dict)  # unchanged: when seen again
     pending_removed: set[str] = field(default_factory=set)
     prune_settled_before: float = 0.0
     error_info: dict[str, str] = field(default_factory=dict)
@@ -251,7 +252,7 @@ class Ledger:
             else:
                 gets += sorted(refreshed)
         middle.sort(key=lambda item: item[0], reverse=True)
-        for _, pending in middle[:MIDDLE_GETS_PER_POLL]:
+        for _, pending in middle[:MIDDLE_GETS_PER_POLL] if recent_due or not recent else []:
             created = pending.message.created_at
             covered = created >= head_after or any(
                 lo <= created <= (hi or now) for lo, hi in ranges
@@ -299,13 +300,18 @@ class Ledger:
                 self._count_pending(previous.message, -1)
             self._count_pending(pending.message, 1)
             state.pending[message_id] = pending
+        for message_id, observed_at in delta.pending_seen.items():
+            known = state.pending.get(message_id)
+            if known is not None and message_id not in delta.pending_removed:
+                state.pending[message_id] = Pending(known.message, observed_at)
         for message_id, created_at in delta.settled_ids.items():
             state.settled[message_id] = created_at
             heapq.heappush(self._settled_by_age, (created_at, message_id))
         by_age = self._settled_by_age
         while by_age and by_age[0][0] < delta.prune_settled_before:
-            _, message_id = heapq.heappop(by_age)
-            state.settled.pop(message_id, None)
+            created_at, message_id = heapq.heappop(by_age)
+            if state.settled.get(message_id) == created_at:  # not a stale entry
+                del state.settled[message_id]
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
         state.error_info.update(delta.error_info)
@@ -399,6 +405,10 @@ class Batch:
             if pending.observed_at >= pending.message.created_at + timeout:
                 to_settle.append((pending.message, pending.observed_at))
                 delta.settled_by_timeout += 1
+            elif (known := state.pending.get(message_id)) is not None and (
+                known.message == pending.message
+            ):
+                delta.pending_seen[message_id] = pending.observed_at  # nothing to write
             else:
                 delta.pending_upserts[message_id] = pending
         for message_id in self.gone_ids:

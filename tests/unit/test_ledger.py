@@ -338,7 +338,7 @@ def test_recent_pending_messages_are_refreshed_together_every_few_polls() -> Non
     aged(ledger, "b", 6, now)
     plan = ledger.plan(now)  # seen 20 s ago (2 polls): not yet
     assert plan.listings == ((now - 31, None),) and plan.get_ids == ()
-    aged(ledger, "a", 25, now)
+    aged(ledger, "a", 35, now)
     plan = ledger.plan(now)  # due; "b" (seen 6 s ago) comes along; one page: re-list, no gets
     assert plan.listings == ((now - 301, None),) and plan.get_ids == ()
 
@@ -347,7 +347,7 @@ def test_recent_pending_messages_are_got_by_id_when_a_re_list_costs_more() -> No
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
     now = T0 + 1000
     settled = [msg(f"d{i}", "delivered", now - 400 + i) for i in range(200)]
-    poll(ledger, T0 + 10, msg("p", "sent", now - 500), *settled)
+    poll(ledger, T0 + 10, msg("p", "sent", now - 400), *settled)
     ledger.state.cursor = now - 30
     aged(ledger, "p", 40, now)
     plan = ledger.plan(now)

@@ -35,7 +35,7 @@ operations = st.lists(
             st.just("poll"),
             st.booleans(),  # the poll fails before its commit
             st.integers(0, 2**16),  # order and duplication of the listing
-            st.integers(0, 30),  # ingestion delay of the API, within CURSOR_SAFETY
+            st.integers(0, 25),  # ingestion delay of the API, within CURSOR_SAFETY
         ),
         st.tuples(st.just("restart")),
     ),

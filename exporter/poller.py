@@ -215,7 +215,10 @@ class ProjectPoller:
             if server_time is None:
                 server_time = page.server_time
             at = self.clock()
+            settled = self.ledger.state.settled
             for raw in page.records:
+                if type(raw) is dict and raw.get("id") in settled:
+                    continue  # re-listed after settling: nothing to parse (observe skips it too)
                 message = self._parse(raw)
                 if message is not None:
                     batch.observe(message, at)

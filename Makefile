@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit soak tools clean
+.PHONY: demo test lint unit soak bench tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ tools:
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# The benchmark suite: a busy day (1,000,000 messages) in virtual time and the other figures,
+# printed next to their targets and written to bench-results.json.
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.bench --output bench-results.json
 
 # The soak test alone, for as long as SOAK_SECONDS says (60 s in `make test`).
 soak: $(STAMP)

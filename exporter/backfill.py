@@ -191,7 +191,7 @@ def settle_history(
     i = 0
     for boundary in boundaries:
         horizon = ledger.state.cursor - LISTING_SLACK
-        batch = ledger.begin(PollPlan(now, horizon, horizon, (), frozenset()))
+        batch = ledger.begin(PollPlan(now, ((horizon, None),), horizon, (), frozenset()))
         while i < len(ordered) and ordered[i].created_at <= boundary:
             batch.observe(ordered[i], now)
             i += 1

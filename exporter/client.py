@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
@@ -389,16 +390,23 @@ def _decode(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ValueError("response body is empty, not JSON")
     try:
-        payload = json.loads(body)
+        payload = orjson.loads(body)  # several times faster than json, on every listed page
+    except orjson.JSONDecodeError:
+        payload = _decode_slowly(body)  # what orjson refuses and JSON allows (huge integers)
+    if not isinstance(payload, dict):
+        raise ValueError(f"response is a JSON {type(payload).__name__}, not an object")
+    return payload
+
+
+def _decode_slowly(body: bytes) -> Any:
+    try:
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         start = body[:60].decode("utf-8", "replace").strip()
         raise ValueError(
             f"response body is not JSON (an error page or a cut-off response?): starts with "
             f"{start!r}"
         ) from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"response is a JSON {type(payload).__name__}, not an object")
-    return payload
 
 
 def _server_time(response: requests.Response) -> float | None:

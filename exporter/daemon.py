@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,8 @@ class Exporter:
             poller.load()
             self.pollers.append(poller)
         self.loaded = True
+        gc.collect()
+        gc.freeze()  # the loaded state lives for good: keep it out of every garbage collection
         self.threads = [
             threading.Thread(target=p.run, name=f"poll-{p.project.name}", daemon=True)
             for p in self.pollers

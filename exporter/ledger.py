@@ -22,6 +22,7 @@ them again.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -47,13 +48,20 @@ MAX_NEW_LABEL_VALUES = 10
 
 # How long after a message's creation it may take to appear in a listing (ingestion delay and the
 # difference between our clock and SignalWire's). The cursor trails the listing start by this much.
-CURSOR_SAFETY = 60.0
+CURSOR_SAFETY = 30.0
 # created_after is second-precision and its inclusiveness is unconfirmed: list one second earlier.
 LISTING_SLACK = 1.0
-# A pending message older than the head listing is refreshed every age/REFRESH_AGE_DIVISOR seconds,
-# between one poll interval and MAX_REFRESH_INTERVAL: young messages change often, old ones rarely.
-REFRESH_AGE_DIVISOR = 8.0
-MAX_REFRESH_INTERVAL = 900.0
+# Refresh tiers. The API has no "changed since" filter, so seeing a status change costs a request:
+# a re-listed page or a get-by-id. Most receipts come within seconds (the head listing sees them);
+# pending messages up to RECENT_AGE old are refreshed together every RECENT_EVERY_POLLS polls, so a
+# late receipt settles within a few polls; older ones are refreshed by id on those same polls, at
+# most MIDDLE_GETS_PER_POLL each time, every age/MIDDLE_AGE_DIVISOR; past settle.timeout they are
+# refreshed in batches every TIMEOUT_EVERY_POLLS polls and settle as they stand.
+RECENT_AGE = 600.0
+RECENT_EVERY_POLLS = 4
+MIDDLE_AGE_DIVISOR = 4.0
+MIDDLE_GETS_PER_POLL = 1
+TIMEOUT_EVERY_POLLS = 3
 # First-sighting counts per minute, kept this long, estimate the cost of re-listing a time range.
 HISTOGRAM_BUCKET = 60
 
@@ -118,11 +126,10 @@ class LabelValues:
         return OTHER_LABEL_VALUE
 
     def of(self, message: Message) -> tuple[str, str, str]:
-        return (
-            self._value(0, message.direction),
-            self._value(1, message.kind),
-            self._value(2, message.status),
-        )
+        return self.map(message.direction, message.kind, message.status)
+
+    def map(self, direction: str, kind: str, status: str) -> tuple[str, str, str]:
+        return self._value(0, direction), self._value(1, kind), self._value(2, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +141,20 @@ class Rules:
     page_size: int
 
 
+Listing = tuple[float, float | None]  # created_after, created_before (None: up to now)
+
+
 @dataclass(frozen=True, slots=True)
 class PollPlan:
     now: float
-    created_after: float  # list everything created after this (minus LISTING_SLACK)
+    listings: tuple[Listing, ...]  # the head listing first (it moves the cursor), then ranges
     horizon: float  # unknown records created before this are ignored
     get_ids: tuple[str, ...]  # pending messages to refresh by id
-    timeout_due: frozenset[str]  # pending messages whose settle.timeout has passed
+    timeout_due: frozenset[str]  # past settle.timeout, refreshed (and settled) this poll
+
+    @property
+    def created_after(self) -> float:
+        return self.listings[0][0]
 
 
 @dataclass
@@ -150,7 +164,8 @@ class PollDelta:
     cursor: float
     settled_ids: dict[str, float] = field(default_factory=dict)  # id -> created_at
     totals: dict[LabelKey, Totals] = field(default_factory=dict)  # increments
-    pending_upserts: dict[str, Pending] = field(default_factory=dict)
+    pending_upserts: dict[str, Pending] = field(default_factory=dict)  # new or changed
+    pending_seen: dict[str, float] = field(default_factory=dict)  # unchanged: when seen again
     pending_removed: set[str] = field(default_factory=set)
     prune_settled_before: float = 0.0
     error_info: dict[str, str] = field(default_factory=dict)
@@ -171,42 +186,90 @@ class Ledger:
         self.rules = rules
         self.state = state
         self._histogram: dict[int, int] = {}
+        # Kept up to date by apply(), so neither a poll nor a scrape walks every message.
+        self._pending_counts: dict[tuple[str, str, str], int] = {}
+        self._settled_by_age = [(created, i) for i, created in state.settled.items()]
+        heapq.heapify(self._settled_by_age)
         for pending in state.pending.values():
             self._count_sighting(pending.message.created_at)
+            self._count_pending(pending.message, 1)
+
+    def _count_pending(self, message: Message, change: int) -> None:
+        key = (message.direction, message.kind, message.status)
+        count = self._pending_counts.get(key, 0) + change
+        if count:
+            self._pending_counts[key] = count
+        else:
+            del self._pending_counts[key]
 
     # ----------------------------------------------------------------- planning
     def plan(self, now: float) -> PollPlan:
-        """Decide this poll's listing start and the pending messages to get by id."""
+        """Decide this poll's listings and the pending messages to get by id (refresh tiers)."""
         state, rules = self.state, self.rules
+        interval, timeout = rules.poll_interval, rules.settle.timeout
         horizon = state.cursor - LISTING_SLACK
-        timeout_due: set[str] = set()
-        old_due: list[Pending] = []
-        for message_id, pending in state.pending.items():
+        recent_since = now - RECENT_AGE
+        recent: list[Pending] = []
+        timed_out: list[Pending] = []
+        middle: list[tuple[float, Pending]] = []
+        recent_due = timeout_due = False
+        for pending in state.pending.values():
             created = pending.message.created_at
-            if created + rules.settle.timeout <= now:
-                timeout_due.add(message_id)
-            if created >= horizon:
-                continue  # the head listing refreshes it anyway
-            age = now - created
-            interval = min(
-                max(age / REFRESH_AGE_DIVISOR, rules.poll_interval), MAX_REFRESH_INTERVAL
-            )
-            if message_id in timeout_due or now - pending.observed_at >= interval:
-                old_due.append(pending)
-        created_after = horizon
-        get_ids: tuple[str, ...] = ()
-        if old_due:
-            oldest = min(p.message.created_at for p in old_due)
-            extra_pages = self._pages(oldest, now) - self._pages(horizon, now)
-            if extra_pages < len(old_due):
-                created_after = oldest
+            unseen = now - pending.observed_at
+            if created + timeout <= now:
+                timed_out.append(pending)
+                # Batch the timeout tier: wait until the first has been due a few polls.
+                timeout_due |= created + timeout + (TIMEOUT_EVERY_POLLS - 1) * interval <= now
+            elif created >= horizon:
+                continue  # the head listing sees it
+            elif created >= recent_since:
+                if unseen >= interval * 0.5:
+                    recent.append(pending)
+                recent_due |= unseen >= (RECENT_EVERY_POLLS - 0.5) * interval
             else:
-                get_ids = tuple(p.message.id for p in old_due)
-        return PollPlan(now, created_after, horizon, get_ids, frozenset(timeout_due))
+                wait = max((now - created) / MIDDLE_AGE_DIVISOR, RECENT_EVERY_POLLS * interval)
+                if unseen >= wait:
+                    middle.append((unseen / wait, pending))
+        head_after = horizon
+        ranges: list[Listing] = []
+        gets: list[str] = []
+        if recent_due and recent:
+            oldest = min(p.message.created_at for p in recent)
+            extra = self._pages(oldest, None) - self._pages(horizon, None)
+            if extra < len(recent):
+                head_after = oldest - LISTING_SLACK
+            else:
+                gets += [p.message.id for p in recent]
+        refreshed: frozenset[str] = frozenset()
+        if timeout_due and timed_out:
+            refreshed = frozenset(p.message.id for p in timed_out)
+            low = min(p.message.created_at for p in timed_out)
+            high = max(p.message.created_at for p in timed_out)
+            if high >= head_after:
+                head_after = min(head_after, low - LISTING_SLACK)
+            elif self._pages(low, high) < len(timed_out):
+                ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+            else:
+                gets += sorted(refreshed)
+        middle.sort(key=lambda item: item[0], reverse=True)
+        for _, pending in middle[:MIDDLE_GETS_PER_POLL] if recent_due or not recent else []:
+            created = pending.message.created_at
+            covered = created >= head_after or any(
+                lo <= created <= (hi or now) for lo, hi in ranges
+            )
+            if not covered:
+                gets.append(pending.message.id)
+        return PollPlan(now, ((head_after, None), *ranges), horizon, tuple(gets), refreshed)
 
-    def _pages(self, since: float, now: float) -> int:
+    def _pages(self, since: float, until: float | None) -> int:
+        """Pages a listing of [since, until] takes, from the first sightings per minute."""
         first = int(since // HISTOGRAM_BUCKET)
-        count = sum(n for minute, n in self._histogram.items() if minute >= first)
+        last = None if until is None else int(until // HISTOGRAM_BUCKET)
+        count = sum(
+            n
+            for minute, n in self._histogram.items()
+            if minute >= first and (last is None or minute <= last)
+        )
         return max(1, math.ceil(count / self.rules.page_size))
 
     def _count_sighting(self, created_at: float) -> None:
@@ -228,10 +291,27 @@ class Ledger:
                 self._count_sighting(created_at)
         state.cursor = delta.cursor
         for message_id in delta.pending_removed:
-            state.pending.pop(message_id, None)
-        state.pending.update(delta.pending_upserts)
-        state.settled.update(delta.settled_ids)
-        state.settled = {i: c for i, c in state.settled.items() if c >= delta.prune_settled_before}
+            removed = state.pending.pop(message_id, None)
+            if removed is not None:
+                self._count_pending(removed.message, -1)
+        for message_id, pending in delta.pending_upserts.items():
+            previous = state.pending.get(message_id)
+            if previous is not None:
+                self._count_pending(previous.message, -1)
+            self._count_pending(pending.message, 1)
+            state.pending[message_id] = pending
+        for message_id, observed_at in delta.pending_seen.items():
+            known = state.pending.get(message_id)
+            if known is not None and message_id not in delta.pending_removed:
+                state.pending[message_id] = Pending(known.message, observed_at)
+        for message_id, created_at in delta.settled_ids.items():
+            state.settled[message_id] = created_at
+            heapq.heappush(self._settled_by_age, (created_at, message_id))
+        by_age = self._settled_by_age
+        while by_age and by_age[0][0] < delta.prune_settled_before:
+            created_at, message_id = heapq.heappop(by_age)
+            if state.settled.get(message_id) == created_at:  # not a stale entry
+                del state.settled[message_id]
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
         state.error_info.update(delta.error_info)
@@ -247,9 +327,9 @@ class Ledger:
         """signalwire_messages_pending: direction, kind, latest status -> count."""
         counts: dict[tuple[str, str, str], int] = {}
         labels = self.state.label_values()
-        for pending in self.state.pending.values():
-            key = labels.of(pending.message)
-            counts[key] = counts.get(key, 0) + 1
+        for raw, count in self._pending_counts.items():
+            key = labels.map(*raw)
+            counts[key] = counts.get(key, 0) + count
         return counts
 
     def failure_ratios(self, now: float) -> dict[tuple[str, str], float]:
@@ -325,6 +405,10 @@ class Batch:
             if pending.observed_at >= pending.message.created_at + timeout:
                 to_settle.append((pending.message, pending.observed_at))
                 delta.settled_by_timeout += 1
+            elif (known := state.pending.get(message_id)) is not None and (
+                known.message == pending.message
+            ):
+                delta.pending_seen[message_id] = pending.observed_at  # nothing to write
             else:
                 delta.pending_upserts[message_id] = pending
         for message_id in self.gone_ids:

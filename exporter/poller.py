@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import structlog
@@ -207,12 +208,17 @@ class ProjectPoller:
         plan = self.ledger.plan(started)
         batch = self.ledger.begin(plan)
         server_time: float | None = None
+        head = self._listing(plan.created_after, started)
+        ranges = (self.client.list_pages(after, before) for after, before in plan.listings[1:])
         records = 0
-        for number, page in enumerate(self._listing(plan.created_after, started), start=1):
+        for number, page in enumerate(chain(head, *ranges), start=1):
             if server_time is None:
                 server_time = page.server_time
             at = self.clock()
+            settled = self.ledger.state.settled
             for raw in page.records:
+                if type(raw) is dict and raw.get("id") in settled:
+                    continue  # re-listed after settling: nothing to parse (observe skips it too)
                 message = self._parse(raw)
                 if message is not None:
                     batch.observe(message, at)

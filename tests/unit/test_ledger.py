@@ -14,6 +14,7 @@ from exporter.ledger import (
     OTHER_LABEL_VALUE,
     Ledger,
     LedgerState,
+    Pending,
     PollDelta,
     Rules,
     Totals,
@@ -112,13 +113,15 @@ def test_rule2_timeout_settles_with_the_status_observed_after_the_timeout() -> N
     # Observed just before the timeout: still pending.
     poll(ledger, T0 + 1 + TIMEOUT - 1, msg("a", "sent"))
     assert totals(ledger) == {}
-    # Past the timeout the plan demands a refresh; the refreshed status is the one settled.
-    plan = ledger.plan(T0 + 1 + TIMEOUT + 5)
+    # Past the timeout the plan demands a refresh (in batches: once the first has waited a few
+    # polls); the refreshed status is the one settled.
+    assert ledger.plan(T0 + 1 + TIMEOUT + 5).timeout_due == frozenset()
+    plan = ledger.plan(T0 + 1 + TIMEOUT + 25)
     assert plan.timeout_due == {"a"}
     batch = ledger.begin(plan)
     assert batch.unrefreshed_timeout_due() == ["a"]
-    batch.observe(msg("a", "sent", charge_nano=7), T0 + 1 + TIMEOUT + 6)
-    delta = batch.close(T0 + TIMEOUT + 7, T0 + TIMEOUT + 5)
+    batch.observe(msg("a", "sent", charge_nano=7), T0 + 1 + TIMEOUT + 26)
+    delta = batch.close(T0 + TIMEOUT + 27, T0 + TIMEOUT + 25)
     ledger.apply(delta)
     assert delta.settled_by_timeout == 1
     assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 1, 7)}
@@ -320,40 +323,62 @@ def test_failure_ratio_over_the_window() -> None:
     assert ledger.failure_ratios(T0 + 200) == {}
 
 
-def test_old_pending_messages_are_refreshed_less_often() -> None:
+def aged(ledger: Ledger, message_id: str, seen_ago: float, now: float) -> None:
+    """Pretend `message_id` was last observed `seen_ago` seconds before `now`."""
+    pending = ledger.state.pending[message_id]
+    ledger.state.pending[message_id] = Pending(pending.message, now - seen_ago)
+
+
+def test_recent_pending_messages_are_refreshed_together_every_few_polls() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
-    poll(ledger, T0 + 10, msg("a", "sent", T0 + 5))
-    # Past the head listing, a 10-minute-old message waits age/8 = 75 s between refreshes.
-    now = T0 + 605
-    ledger.state.pending["a"] = ledger.state.pending["a"].__class__(
-        ledger.state.pending["a"].message, now - 60
-    )
+    now = T0 + 1000
+    poll(ledger, T0 + 10, msg("a", "sent", now - 300), msg("b", "sent", now - 200))
     ledger.state.cursor = now - 30
-    horizon = now - 31
-    assert ledger.plan(now).created_after == horizon
-    # Due: one message in the range costs no extra page, so the listing reaches back to it.
-    assert ledger.plan(now + 20).created_after == T0 + 5
+    aged(ledger, "a", 20, now)
+    aged(ledger, "b", 6, now)
+    plan = ledger.plan(now)  # seen 20 s ago (2 polls): not yet
+    assert plan.listings == ((now - 31, None),) and plan.get_ids == ()
+    aged(ledger, "a", 35, now)
+    plan = ledger.plan(now)  # due; "b" (seen 6 s ago) comes along; one page: re-list, no gets
+    assert plan.listings == ((now - 301, None),) and plan.get_ids == ()
 
 
-def test_refresh_prefers_a_re_list_when_it_needs_fewer_requests() -> None:
-    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1000)
-    many = [msg(f"m{i}", "sent", T0 + 5 + i) for i in range(30)]
-    poll(ledger, T0 + 40, *many)
-    ledger.state.cursor = T0 + 3000
-    plan = ledger.plan(T0 + 3000)
-    # 30 old pending messages fit in one page: re-list instead of 30 gets.
-    assert plan.get_ids == ()
-    assert plan.created_after == T0 + 5
-
-
-def test_refresh_gets_by_id_when_a_re_list_would_need_more_pages() -> None:
+def test_recent_pending_messages_are_got_by_id_when_a_re_list_costs_more() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
-    settled = [msg(f"d{i}", "delivered", T0 + 5 + i) for i in range(200)]
-    poll(ledger, T0 + 300, msg("p", "sent", T0 + 5), *settled)
-    ledger.state.cursor = T0 + 3000
-    plan = ledger.plan(T0 + 3000)
+    now = T0 + 1000
+    settled = [msg(f"d{i}", "delivered", now - 400 + i) for i in range(200)]
+    poll(ledger, T0 + 10, msg("p", "sent", now - 400), *settled)
+    ledger.state.cursor = now - 30
+    aged(ledger, "p", 40, now)
+    plan = ledger.plan(now)
     assert plan.get_ids == ("p",)
-    assert plan.created_after == T0 + 3000 - 1
+    assert plan.listings == ((now - 31, None),)
+
+
+def test_older_pending_messages_are_got_by_id_rarely_and_few_per_poll() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
+    now = T0 + 5000
+    poll(ledger, T0 + 10, *(msg(f"m{i}", "sent", now - 3600 - i) for i in range(3)))
+    ledger.state.cursor = now - 30
+    for i in range(3):
+        aged(ledger, f"m{i}", 600, now)  # an hour old: refreshed every 15 minutes
+    assert ledger.plan(now).get_ids == ()
+    aged(ledger, "m1", 1000, now)
+    aged(ledger, "m2", 950, now)
+    assert ledger.plan(now).get_ids == ("m1",)  # the most overdue, one per poll
+
+
+def test_timed_out_messages_are_refreshed_in_batches_by_a_range_or_by_id() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1000)
+    now = T0 + 20000
+    old = [msg(f"t{i}", "sent", now - 7200 - 25 - i) for i in range(5)]
+    poll(ledger, T0 + 10, *old)
+    ledger.state.cursor = now - 30
+    plan = ledger.plan(now)
+    assert plan.timeout_due == {f"t{i}" for i in range(5)}
+    # Five messages within one page: one ranged listing instead of five gets.
+    assert plan.listings[1] == (now - 7200 - 29 - 1, now - 7200 - 25 + 1)
+    assert plan.get_ids == ()
 
 
 def test_totals_accumulate_across_polls() -> None:

@@ -1,0 +1,484 @@
+"""The benchmark suite: `make bench` (python -m tests.benchmarks.bench).
+
+A busy day runs in virtual time against the simulator reached in-process (the real client through
+a requests adapter, the real ledger, store and metrics code), then the figures that need a real
+process or real HTTP are measured on the side. Prints a table next to the targets and writes the
+figures as JSON. Not a timed test: the test suite runs it at a tiny size only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from exporter.client import _decode as decode
+from exporter.config import Config, ListenAddress, ProjectConfig, SettleConfig
+from exporter.ledger import LabelKey, Ledger, Rules, Totals
+from exporter.logs import configure
+from exporter.metrics import build_registry
+from exporter.poller import Counters, ProjectPoller, ProjectStatus
+from exporter.records import parse_message
+from exporter.server import ExporterServer
+from exporter.simulator import Simulator, SimulatorAdapter, SimulatorServer
+from exporter.store import Store
+from tests.benchmarks.profile import DayProfile, populate
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "http://simulator.invalid"
+PROJECT_ID, TOKEN = "bench-project", "PTbench-token"
+POLL, TIMEOUT, PAGE = 30.0, 7200.0, 1000
+
+TARGETS = {
+    "requests_per_1000_messages": ("<=", 12.0),
+    "settle_delay_p50_polls": ("<=", 1.0),
+    "settle_delay_p99_polls": ("<=", 4.0),
+    "daemon_peak_rss_mb": ("<=", 150.0),
+    "ingest_cpu_ratio_to_json_loads": ("<=", 1.5),
+    "metrics_render_median_ms": ("<=", 25.0),
+    "scrape_p99_ratio_polling_to_idle": ("<=", 2.0),
+    "startup_to_ready_s": ("<=", 2.0),
+    "commit_per_poll_at_peak_max_ms": ("<=", 50.0),
+}
+
+
+@dataclass
+class DayResult:
+    messages: int
+    requests: int
+    polls: int
+    delays: list[float] = field(default_factory=list)  # settlement delay, seconds
+    commit_ms: list[tuple[float, float]] = field(default_factory=list)  # (virtual time, ms)
+    totals: dict[LabelKey, Totals] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    scrape_idle_ms: list[float] = field(default_factory=list)
+    scrape_busy_ms: list[float] = field(default_factory=list)
+    state_path: str = ""
+    simulator: Simulator | None = None
+    end: float = 0.0
+    pending_left: int = 0
+
+
+def config_for(state_path: str, base: str = BASE) -> Config:
+    return Config(
+        projects=(ProjectConfig("busy", base, PROJECT_ID, TOKEN),),
+        poll_interval=POLL,
+        state_path=state_path,
+        settle=SettleConfig(timeout=TIMEOUT),
+        page_size=PAGE,
+        request_timeout=30.0,
+        source="<bench>",
+    )
+
+
+def final_time(simulator: Simulator, message_id: str, settle: SettleConfig) -> float | None:
+    """When the message's first final status appeared, if before its timeout."""
+    message = simulator._projects[PROJECT_ID].messages[message_id]
+    for step in message.timeline:
+        if settle.is_final(message.kind, step.status) and step.at < settle.timeout:
+            return message.created_at + step.at
+    return None
+
+
+def busy_day(profile: DayProfile, workdir: Path, scrape: bool = True) -> DayResult:
+    """The day in virtual time: polls every 30 s until every message has settled."""
+    end_of_run = math.floor(time.time())
+    tail = TIMEOUT + 3600
+    start = end_of_run - profile.seconds - tail
+    clock = [start - 1.0]
+    simulator = Simulator(clock=lambda: clock[0], seed=1)
+    simulator.add_project(PROJECT_ID, TOKEN)
+    populate(simulator, PROJECT_ID, profile, start, seed=2)
+    gc.collect()
+    gc.freeze()  # the simulator's million messages are not the exporter's garbage to scan
+    state_path = str(workdir / "busy.db")
+    config = config_for(state_path)
+    store = Store(state_path)
+    poller = ProjectPoller(
+        config.projects[0], config, store, Counters(), threading.Event(), clock=lambda: clock[0]
+    )
+    poller.client.session.mount(BASE, SimulatorAdapter(simulator, BASE))
+    poller.load()
+    result = DayResult(messages=profile.messages, requests=0, polls=0, simulator=simulator)
+    settled_at: dict[str, float] = {}
+    real_commit = store.commit
+
+    def commit(project: str, delta: Any) -> None:
+        began = time.perf_counter()
+        real_commit(project, delta)
+        result.commit_ms.append((clock[0], (time.perf_counter() - began) * 1000))
+        for message_id in delta.settled_ids:
+            settled_at[message_id] = clock[0]
+
+    store.commit = commit  # type: ignore[method-assign]
+    server, scraper, stop = None, None, threading.Event()
+    if scrape:
+        registry = build_registry(lambda: [poller.status], Counters())
+        server = ExporterServer(
+            ListenAddress("127.0.0.1", 0), registry, lambda: [poller.status], lambda: True
+        )
+        server.start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        session = requests.Session()
+        for _ in range(300):  # idle: no poll running
+            began = time.perf_counter()
+            session.get(url, timeout=10)
+            result.scrape_idle_ms.append((time.perf_counter() - began) * 1000)
+
+        def scrape_loop() -> None:
+            while not stop.wait(0.02):
+                began = time.perf_counter()
+                session.get(url, timeout=10)
+                result.scrape_busy_ms.append((time.perf_counter() - began) * 1000)
+
+        scraper = threading.Thread(target=scrape_loop, daemon=True)
+        scraper.start()
+    cpu = time.process_time()
+    t = start
+    while t <= end_of_run:
+        clock[0] = t
+        poller.poll_once()
+        result.polls += 1
+        t += POLL
+    result.cpu_s = time.process_time() - cpu
+    stop.set()
+    if scraper is not None:
+        scraper.join()
+    if server is not None:
+        server.stop()
+    result.requests = simulator.requests_total
+    assert poller.ledger is not None
+    result.pending_left = len(poller.ledger.state.pending)
+    result.totals = dict(poller.ledger.state.totals)
+    for message_id, when in settled_at.items():
+        appeared = final_time(simulator, message_id, config.settle)
+        if appeared is not None:
+            result.delays.append(max(0.0, when - appeared))
+    store.close()
+    result.state_path = state_path
+    result.end = end_of_run
+    gc.unfreeze()
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def peak_commit_ms(result: DayResult, profile: DayProfile, start: float) -> float:
+    """The slowest commit in the busiest hour."""
+    midday = start + profile.seconds / 2
+    peak = [ms for at, ms in result.commit_ms if abs(at - midday) <= 1800]
+    return max(peak) if peak else float("nan")
+
+
+def daemon_start(result: DayResult, workdir: Path) -> tuple[float, float]:
+    """Start the real daemon on the day's state file; seconds to /-/ready and its peak RSS."""
+    assert result.simulator is not None
+    simulator = result.simulator
+    simulator.clock = time.time  # the day ended just now
+    with SimulatorServer(simulator) as api:
+        state = workdir / "startup.db"
+        shutil.copy(result.state_path, state)
+        config = workdir / "startup.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "poll_interval": "30s",
+                    "state_path": str(state),
+                    "settle": {"timeout": "2h"},
+                    "projects": [
+                        {
+                            "name": "busy",
+                            "space": api.base_url,
+                            "project_id": PROJECT_ID,
+                            "api_token": TOKEN,
+                        }
+                    ],
+                }
+            )
+        )
+        with socket_port() as port:
+            pass
+        began = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--config.file", str(config),
+             "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        ready = float("nan")
+        try:
+            while time.monotonic() - began < 60:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/-/ready", timeout=1).ok:
+                        ready = time.monotonic() - began
+                        break
+                except requests.RequestException:
+                    pass
+                time.sleep(0.02)
+            for _ in range(20):
+                requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            peak_kb = 0
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kb = int(line.split()[1])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return ready, peak_kb / 1024
+
+
+class socket_port:
+    """A free loopback port."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *_: object) -> None:
+        self.sock.close()
+
+
+def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
+    """CPU of the whole ingest path over the CPU of json.loads alone, on the same bytes."""
+    rng = random.Random(3)
+    pages: list[bytes] = []
+    base = 1_800_000_000
+    for p in range(max(1, records // PAGE)):
+        data = []
+        for i in range(PAGE):
+            n = p * PAGE + i
+            # The busy day's mix: outbound SMS mostly delivered, a few never receipted; inbound.
+            status = rng.choices(
+                ("delivered", "sent", "undelivered", "failed", "received"),
+                weights=(65, 2, 1.5, 1.5, 30),
+            )[0]
+            data.append(
+                {
+                    "id": f"{n:08d}-5b2c-4c41-9a3f-{rng.getrandbits(48):012x}",
+                    "from": "+15551230000",
+                    "to": "+15559870000",
+                    "status": status,
+                    "direction": "inbound" if status == "received" else "outbound-api",
+                    "kind": "sms",
+                    "source": "realtime_api",
+                    "type": "relay_message",
+                    "url": None,
+                    "number_of_segments": 1,
+                    "charge": 0.00415,
+                    "charge_details": [{"description": "Outbound SMS", "charge": 0.00415}],
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(base + n // 12)),
+                    "error_code": None,
+                    "error_message": None,
+                }
+            )
+        pages.append(json.dumps({"links": {"self": "x"}, "data": data}).encode())
+    gc.collect()
+    began = time.process_time()
+    for page in pages:
+        json.loads(page)
+    json_cpu = time.process_time() - began
+
+    store = Store(str(workdir / "ingest.db"))
+    rules = Rules(SettleConfig(timeout=TIMEOUT), POLL, 900.0, 50, PAGE)
+    ledger = Ledger(rules, store.load("ingest", base - 10, 0))
+    gc.collect()
+    began = time.process_time()
+    now = float(base)
+    for page in pages:
+        now += POLL
+        plan = ledger.plan(now)
+        batch = ledger.begin(plan)
+        for raw in decode(page)["data"]:
+            batch.observe(parse_message(raw), now)
+        delta = batch.close(now, now)
+        store.commit("ingest", delta)
+        ledger.apply(delta)
+        ProjectStatus(
+            "ingest",
+            totals={
+                k: Totals(v.messages, v.segments, v.charge_nano)
+                for k, v in ledger.state.totals.items()
+            },
+            pending=ledger.pending_by_labels(),
+        )
+    pipeline_cpu = time.process_time() - began
+    store.close()
+    return pipeline_cpu / json_cpu, pipeline_cpu, json_cpu
+
+
+def render_ms(totals: dict[LabelKey, Totals], projects: int) -> float:
+    """Median time to render /metrics for `projects` projects with the day's label sets."""
+    statuses = [
+        ProjectStatus(
+            f"project-{i}",
+            polled=True,
+            up=True,
+            last_success=1.0,
+            last_duration=1.0,
+            cursor=1.0,
+            totals=totals,
+            pending={("outbound-api", "sms", s): 10 for s in ("queued", "sent")},
+            failure_ratios={("outbound-api", "sms"): 0.04, ("inbound", "sms"): 0.0},
+            error_info={"30007": "Carrier violation", "21610": "Unsubscribed recipient"},
+        )
+        for i in range(projects)
+    ]
+    from prometheus_client import generate_latest
+
+    registry = build_registry(lambda: statuses, Counters())
+    times = []
+    for _ in range(50):
+        began = time.perf_counter()
+        generate_latest(registry)
+        times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def figures(profile: DayProfile, workdir: Path, ingest_records: int) -> dict[str, Any]:
+    result = busy_day(profile, workdir)
+    start = result.end - profile.seconds - TIMEOUT - 3600
+    ready, rss = daemon_start(result, workdir)
+    result.simulator = None  # free the day before timing CPU
+    gc.collect()
+    ratio, pipeline_cpu, json_cpu = ingest_ratio(ingest_records, workdir)
+    idle = percentile(result.scrape_idle_ms, 0.99)
+    busy = percentile(result.scrape_busy_ms, 0.99)
+    return {
+        "messages": result.messages,
+        "polls": result.polls,
+        "requests": result.requests,
+        "requests_per_1000_messages": 1000 * result.requests / result.messages,
+        "settle_delay_p50_polls": percentile(result.delays, 0.50) / POLL,
+        "settle_delay_p99_polls": percentile(result.delays, 0.99) / POLL,
+        "settled_by_status": len(result.delays),
+        "pending_left": result.pending_left,
+        "daemon_peak_rss_mb": rss,
+        "ingest_records": ingest_records,
+        "ingest_cpu_s": pipeline_cpu,
+        "json_loads_cpu_s": json_cpu,
+        "ingest_cpu_ratio_to_json_loads": ratio,
+        "metrics_render_median_ms": render_ms(result.totals, 10),
+        "scrape_idle_p99_ms": idle,
+        "scrape_polling_p99_ms": busy,
+        "scrape_p99_ratio_polling_to_idle": busy / idle,
+        "startup_to_ready_s": ready,
+        "commit_per_poll_at_peak_max_ms": peak_commit_ms(result, profile, start),
+        "commit_per_poll_median_ms": statistics.median(ms for _, ms in result.commit_ms),
+        "day_cpu_s": result.cpu_s,
+        "state_file_mb": Path(result.state_path).stat().st_size / 2**20,
+        "label_sets": len(result.totals),
+    }
+
+
+def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        if size == main["messages"]:
+            rows.append(
+                {
+                    "messages_per_day": size,
+                    "requests_per_1000_messages": main["requests_per_1000_messages"],
+                    "settle_delay_p99_polls": main["settle_delay_p99_polls"],
+                    "cpu_s_per_day": main["day_cpu_s"],
+                    "state_file_mb": main["state_file_mb"],
+                }
+            )
+            continue
+        result = busy_day(DayProfile(messages=size), workdir / f"s{size}", scrape=False)
+        rows.append(
+            {
+                "messages_per_day": size,
+                "requests_per_1000_messages": 1000 * result.requests / size,
+                "settle_delay_p99_polls": percentile(result.delays, 0.99) / POLL,
+                "cpu_s_per_day": result.cpu_s,
+                "state_file_mb": Path(result.state_path).stat().st_size / 2**20,
+            }
+        )
+    totals = busy_day(DayProfile(messages=sizes[0]), workdir / "p", scrape=False).totals
+    for projects in (1, 10, 100):
+        rows.append({"projects": projects, "metrics_render_median_ms": render_ms(totals, projects)})
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'figure':40} {'measured':>12} {'target':>10}  ok"]
+    for name, (op, target) in TARGETS.items():
+        value = results[name]
+        ok = value <= target if op == "<=" else value >= target
+        lines.append(
+            f"{name:40} {value:12.3f} {op + ' ' + format(target, 'g'):>10}  {'yes' if ok else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=1_000_000, help="messages in the day")
+    parser.add_argument("--ingest", type=int, default=1_000_000, help="records for the CPU ratio")
+    parser.add_argument("--scaling", default="10000,100000,1000000", help="sizes, comma-separated")
+    parser.add_argument("--output", default="bench-results.json")
+    args = parser.parse_args(argv)
+    configure("warning")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        began = time.monotonic()
+        results = figures(DayProfile(messages=args.messages), workdir, args.ingest)
+        print(table(results), flush=True)
+        sizes = [int(s) for s in args.scaling.split(",") if s]
+        growth = scaling(workdir, sizes, results) if sizes else []
+        for row in growth:
+            print(
+                "  ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                )
+            )
+        report = {
+            "machine": machine(),
+            "figures": results,
+            "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
+            "scaling": growth,
+            "seconds": time.monotonic() - began,
+        }
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

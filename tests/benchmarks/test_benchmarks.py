@@ -1,0 +1,19 @@
+"""The benchmark suite at a tiny size: it keeps working (its figures are not asserted here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tests.benchmarks.bench import TARGETS, figures, table
+from tests.benchmarks.profile import DayProfile
+
+
+def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
+    results = figures(DayProfile(messages=3000, seconds=3600.0), tmp_path, ingest_records=2000)
+    for name in TARGETS:
+        assert math.isfinite(results[name]), name
+    assert results["messages"] == 3000
+    assert results["pending_left"] == 0, "every message settles by the end of the run"
+    assert results["settled_by_status"] > 2500
+    assert "requests_per_1000_messages" in table(results)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
 
-import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
@@ -389,16 +388,13 @@ def _decode(body: bytes) -> dict[str, Any]:
     """The body as a JSON object; ValueError saying what it is instead."""
     if not body.strip():
         raise ValueError("response body is empty, not JSON")
-    try:
-        payload = orjson.loads(body)  # several times faster than json, on every listed page
-    except orjson.JSONDecodeError:
-        payload = _decode_slowly(body)  # what orjson refuses and JSON allows (huge integers)
+    payload = _decode_json(body)
     if not isinstance(payload, dict):
         raise ValueError(f"response is a JSON {type(payload).__name__}, not an object")
     return payload
 
 
-def _decode_slowly(body: bytes) -> Any:
+def _decode_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,9 @@ class Exporter:
             poller.load()
             self.pollers.append(poller)
         self.loaded = True
+        # A scrape waits for the interpreter lock while a poll decodes pages: hand it over more
+        # often than every 5 ms so scrapes stay quick during polls.
+        sys.setswitchinterval(0.001)
         gc.collect()
         gc.freeze()  # the loaded state lives for good: keep it out of every garbage collection
         self.threads = [

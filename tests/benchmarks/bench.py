@@ -219,6 +219,7 @@ def daemon_start(result: DayResult, workdir: Path) -> tuple[float, float]:
                 }
             )
         )
+        config.chmod(0o600)  # it holds the token
         with socket_port() as port:
             pass
         began = time.monotonic()

@@ -250,7 +250,7 @@ def full_log(daemon: Daemon) -> str:
 # --------------------------------------------------------------------------- 1. kill -9
 
 
-KILLS = 30
+KILLS = 24
 # Where the kills land: just after spawning (import, WAL recovery, load, first polls); on a commit
 # (the instant its first WAL write is seen, or a few milliseconds later, while SQLite writes and
 # syncs); about one poll interval after a commit was logged; anywhere.

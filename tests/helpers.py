@@ -67,6 +67,18 @@ def write_config(path: Path, projects: list[dict[str, Any]], **settings: Any) ->
     return path
 
 
+RUNNING: list[subprocess.Popen[bytes]] = []  # every daemon started, killed after each test
+
+
+def kill_leftovers() -> None:
+    """Kill daemons a failed test left running (a passing test stops its own)."""
+    while RUNNING:
+        proc = RUNNING.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class Daemon:
     """`python -m exporter run` in a subprocess, with its stderr captured to a file."""
 
@@ -101,6 +113,7 @@ class Daemon:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         log.close()
+        RUNNING.append(self.proc)
         if wait_ready:
             wait_for(self.ready, 30, f"daemon ready\n{self.log()}")
         return self

@@ -70,9 +70,10 @@ def write_config(path: Path, projects: list[dict[str, Any]], **settings: Any) ->
 RUNNING: list[subprocess.Popen[bytes]] = []  # every daemon started, killed after each test
 
 
-def kill_leftovers() -> None:
-    """Kill daemons a failed test left running (a passing test stops its own)."""
-    while RUNNING:
+def kill_leftovers(keep: int = 0) -> None:
+    """Kill daemons started after the first `keep` that are still running: a failed test may
+    leave its own behind (a passing test stops them); wider fixtures' daemons are kept."""
+    while len(RUNNING) > keep:
         proc = RUNNING.pop()
         if proc.poll() is None:
             proc.kill()

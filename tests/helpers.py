@@ -16,6 +16,9 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.config import DEFAULT_FINAL_BY_KIND, DEFAULT_FINAL_STATUSES
+from exporter.simulator import Simulator
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +62,39 @@ def select(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[s
     """Samples of one metric whose labels include `labels`."""
     want = set(labels.items())
     return {lbl: v for (n, lbl), v in samples.items() if n == name and want <= set(lbl)}
+
+
+Totals = dict[tuple[str, str, str, str], tuple[int, int, float]]
+
+
+def exported_totals(samples: Samples, project: str) -> Totals:
+    """A project's three message counters from a scrape: labels -> (messages, segments, USD)."""
+    result: Totals = {}
+    for labels, value in select(samples, "signalwire_messages_total", project=project).items():
+        d = dict(labels)
+        key = (d["direction"], d["kind"], d["status"], d["error_code"])
+        segments = select(samples, "signalwire_message_segments_total", **d)[labels]
+        charge = select(samples, "signalwire_message_charge_usd_total", **d)[labels]
+        result[key] = (int(value), int(segments), charge)
+    return result
+
+
+def ground_truth(
+    simulator: Simulator, project_id: str, start_point: float, settle_timeout: float
+) -> Totals:
+    """What the exporter must show once everything settled, under the default final statuses."""
+    truth = simulator.expected_totals(
+        project_id,
+        final_statuses=DEFAULT_FINAL_STATUSES,
+        final_statuses_by_kind=DEFAULT_FINAL_BY_KIND,
+        settle_timeout=settle_timeout,
+        start_point=start_point,
+    )
+    return {k: (n, s, c / 1e9) for k, (n, s, c) in truth.items()}
+
+
+def pending_total(samples: Samples, project: str) -> float:
+    return sum(select(samples, "signalwire_messages_pending", project=project).values())
 
 
 def write_config(path: Path, projects: list[dict[str, Any]], **settings: Any) -> Path:

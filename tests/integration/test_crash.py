@@ -32,7 +32,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from exporter.config import DEFAULT_FINAL_BY_KIND, DEFAULT_FINAL_STATUSES
 from exporter.simulator import (
     Simulator,
     SimulatorServer,
@@ -41,7 +40,18 @@ from exporter.simulator import (
     TrafficProfile,
     random_message_args,
 )
-from tests.helpers import ROOT, Daemon, Samples, free_port, select, wait_for, write_config
+from tests.helpers import (
+    ROOT,
+    Daemon,
+    Samples,
+    Totals,
+    exported_totals,
+    free_port,
+    ground_truth,
+    select,
+    wait_for,
+    write_config,
+)
 
 SETTLE_TIMEOUT = 4.0
 START_FROM = 30.0  # traffic starts after the first start: no message is near the start point
@@ -58,7 +68,6 @@ COUNTERS = (
 POLL_DONE = re.compile(rb'event="poll (?:finished|recovered)"')
 
 Key = tuple[str, frozenset[tuple[str, str]]]
-Totals = dict[tuple[str, str, str, str], tuple[int, int, float]]
 
 
 @pytest.fixture
@@ -102,25 +111,11 @@ def message_counters(samples: Samples) -> dict[Key, float]:
 
 
 def exported(samples: Samples, project: str) -> Totals:
-    result: Totals = {}
-    for labels, value in select(samples, "signalwire_messages_total", project=project).items():
-        d = dict(labels)
-        key = (d["direction"], d["kind"], d["status"], d["error_code"])
-        segments = select(samples, "signalwire_message_segments_total", **d)[labels]
-        charge = select(samples, "signalwire_message_charge_usd_total", **d)[labels]
-        result[key] = (int(value), int(segments), charge)
-    return result
+    return exported_totals(samples, project)
 
 
 def expected(simulator: Simulator, project: str, start_point: float) -> Totals:
-    truth = simulator.expected_totals(
-        PROJECTS[project][0],
-        final_statuses=DEFAULT_FINAL_STATUSES,
-        final_statuses_by_kind=DEFAULT_FINAL_BY_KIND,
-        settle_timeout=SETTLE_TIMEOUT,
-        start_point=start_point,
-    )
-    return {k: (n, s, c / 1e9) for k, (n, s, c) in truth.items()}
+    return ground_truth(simulator, PROJECTS[project][0], start_point, SETTLE_TIMEOUT)
 
 
 def per_project(samples: Samples, name: str, **labels: str) -> dict[str, float]:

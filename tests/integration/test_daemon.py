@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from exporter.config import DEFAULT_FINAL_BY_KIND, DEFAULT_FINAL_STATUSES
 from exporter.simulator import Simulator, SimulatorServer, Step, TrafficGenerator, TrafficProfile
-from tests.helpers import Daemon, Samples, select, wait_for, write_config
+from tests.helpers import (
+    Daemon,
+    Samples,
+    Totals,
+    exported_totals,
+    ground_truth,
+    pending_total,
+    select,
+    wait_for,
+    write_config,
+)
 
 TIMEOUT = 4.0  # settle.timeout of these tests
 START_FROM = 30.0
@@ -22,8 +31,6 @@ PROJECTS = {
     "alpha": ("11111111-aaaa", "PTalpha-secret-token"),
     "beta": ("22222222-bbbb", "PTb-tok"),
 }
-
-Totals = dict[tuple[str, str, str, str], tuple[int, int, float]]
 
 
 @pytest.fixture
@@ -57,29 +64,15 @@ def config_for(tmp_path: Path, base_url: str, **settings: object) -> Path:
 
 
 def exported(samples: Samples, project: str) -> Totals:
-    result: Totals = {}
-    for labels, value in select(samples, "signalwire_messages_total", project=project).items():
-        d = dict(labels)
-        key = (d["direction"], d["kind"], d["status"], d["error_code"])
-        segments = select(samples, "signalwire_message_segments_total", **d)[labels]
-        charge = select(samples, "signalwire_message_charge_usd_total", **d)[labels]
-        result[key] = (int(value), int(segments), charge)
-    return result
+    return exported_totals(samples, project)
 
 
 def expected(simulator: Simulator, project: str, start_point: float) -> Totals:
-    truth = simulator.expected_totals(
-        PROJECTS[project][0],
-        final_statuses=DEFAULT_FINAL_STATUSES,
-        final_statuses_by_kind=DEFAULT_FINAL_BY_KIND,
-        settle_timeout=TIMEOUT,
-        start_point=start_point,
-    )
-    return {k: (n, s, c / 1e9) for k, (n, s, c) in truth.items()}
+    return ground_truth(simulator, PROJECTS[project][0], start_point, TIMEOUT)
 
 
 def pending(samples: Samples, project: str) -> float:
-    return sum(select(samples, "signalwire_messages_pending", project=project).values())
+    return pending_total(samples, project)
 
 
 def settled_exactly(daemon: Daemon, simulator: Simulator, start_point: float) -> bool:

@@ -20,9 +20,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from exporter.config import DEFAULT_FINAL_BY_KIND, DEFAULT_FINAL_STATUSES
 from exporter.simulator import Simulator, SimulatorServer, TrafficGenerator, TrafficProfile
-from tests.helpers import Daemon, Samples, parse_metrics, select, wait_for, write_config
+from tests.helpers import (
+    Daemon,
+    Samples,
+    Totals,
+    exported_totals,
+    ground_truth,
+    parse_metrics,
+    pending_total,
+    wait_for,
+    write_config,
+)
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 RATE = 100.0  # messages per second, per project
@@ -36,8 +45,6 @@ PROJECTS = {
 RSS_MARGIN_RATIO = 0.10
 RSS_MARGIN_KB = 15 * 1024
 THREAD_MARGIN = 2
-
-Totals = dict[tuple[str, str, str, str], tuple[int, int, float]]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -54,29 +61,15 @@ def proc_status(pid: int) -> tuple[int, int]:
 
 
 def exported(samples: Samples, project: str) -> Totals:
-    result: Totals = {}
-    for labels, value in select(samples, "signalwire_messages_total", project=project).items():
-        d = dict(labels)
-        key = (d["direction"], d["kind"], d["status"], d["error_code"])
-        segments = select(samples, "signalwire_message_segments_total", **d)[labels]
-        charge = select(samples, "signalwire_message_charge_usd_total", **d)[labels]
-        result[key] = (int(value), int(segments), charge)
-    return result
+    return exported_totals(samples, project)
 
 
 def expected(simulator: Simulator, project: str, start_point: float) -> Totals:
-    truth = simulator.expected_totals(
-        PROJECTS[project][0],
-        final_statuses=DEFAULT_FINAL_STATUSES,
-        final_statuses_by_kind=DEFAULT_FINAL_BY_KIND,
-        settle_timeout=SETTLE_TIMEOUT,
-        start_point=start_point,
-    )
-    return {k: (n, s, c / 1e9) for k, (n, s, c) in truth.items()}
+    return ground_truth(simulator, PROJECTS[project][0], start_point, SETTLE_TIMEOUT)
 
 
 def pending(samples: Samples, project: str) -> float:
-    return sum(select(samples, "signalwire_messages_pending", project=project).values())
+    return pending_total(samples, project)
 
 
 @dataclass

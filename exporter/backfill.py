@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TextIO
 
-from exporter.client import ApiError, Client
+from exporter.client import HISTORY_LIMIT_CODE, ApiError, Client
 from exporter.config import Config, ProjectConfig, parse_duration
 from exporter.ledger import (
     LISTING_SLACK,
@@ -39,7 +39,6 @@ from exporter.metrics import MESSAGE_FAMILIES, counter_value
 from exporter.records import InvalidRecord, Message, parse_message
 from exporter.store import StateError, Store, committed_start_point
 
-HISTORY_LIMIT_CODE = "exceeds_history_logs_limit"
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 RESERVED_LABELS = {"project", "direction", "kind", "status", "error_code"}
 
@@ -165,22 +164,6 @@ def list_messages(
         progress.update(batch)
 
 
-def oldest_listable(client: Client, refused: float, now: float, probes: int = 12) -> float:
-    """Bisect SignalWire's history limit between a refused and an accepted created_after."""
-    accepted = now
-    for _ in range(probes):
-        middle = (refused + accepted) / 2
-        try:
-            next(client.list_pages(middle, now), None)
-        except ApiError as exc:
-            if exc.code != HISTORY_LIMIT_CODE:
-                raise
-            refused = middle
-        else:
-            accepted = middle
-    return accepted
-
-
 def settle_history(
     rules: Rules, messages: Iterable[Message], start: float, boundaries: list[float], now: float
 ) -> tuple[list[dict[LabelKey, Totals]], LedgerState]:
@@ -243,7 +226,7 @@ def backfill_project(
     except ApiError as exc:
         if exc.code != HISTORY_LIMIT_CODE:
             raise BackfillError(f"{project.name}: SignalWire API: {exc}") from None
-        oldest = oldest_listable(client, start, now)
+        oldest = client.oldest_listable(start, now, probes=12)
         days = (now - oldest) / 86400
         raise BackfillError(
             f"{project.name}: SignalWire keeps message logs for about {days:.0f} days on this "

@@ -33,6 +33,7 @@ from exporter.records import format_timestamp
 LOGS_PATH = "/api/messaging/logs"
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_PAGES_PER_LISTING = 100_000
+HISTORY_LIMIT_CODE = "exceeds_history_logs_limit"
 PAGE_TOKEN_ERRORS = ("page_token_is_invalid", "page_token_required")
 MAX_RESTARTS = 3
 MIN_SECRET_LENGTH = 6  # shorter tokens are not redacted from error texts
@@ -356,6 +357,22 @@ class Client:
             return target
         query.extend(missing)
         return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+    def oldest_listable(self, refused: float, now: float, probes: int = 8) -> float:
+        """Bisect SignalWire's history limit between a refused `created_after` and now: the
+        oldest time a listing is accepted from, to within (now - refused) / 2**probes."""
+        accepted = now
+        for _ in range(probes):
+            middle = (refused + accepted) / 2
+            try:
+                next(self.list_pages(middle, now), None)
+            except ApiError as exc:
+                if exc.code != HISTORY_LIMIT_CODE:
+                    raise
+                refused = middle
+            else:
+                accepted = middle
+        return accepted
 
     def get_message(self, message_id: str) -> Any | None:
         """One message log by id; None when SignalWire answers 404 (the record is gone)."""

@@ -17,7 +17,15 @@ from typing import Any
 
 import structlog
 
-from exporter.client import ApiError, AuthError, Client, Page, RetryPolicy, Stopped
+from exporter.client import (
+    HISTORY_LIMIT_CODE,
+    ApiError,
+    AuthError,
+    Client,
+    Page,
+    RetryPolicy,
+    Stopped,
+)
 from exporter.config import Config, ProjectConfig, read_token_file
 from exporter.ledger import Batch, LabelKey, Ledger, PollDelta, Rules, Totals
 from exporter.logs import redact
@@ -29,8 +37,6 @@ AUTH_BACKOFF_START = 60.0
 AUTH_BACKOFF_MAX = 600.0
 MAX_INVALID_KEYS = 100_000
 PROGRESS_EVERY_PAGES = 25
-HISTORY_LIMIT_CODE = "exceeds_history_logs_limit"
-HISTORY_PROBES = 8
 
 
 class Counters:
@@ -242,7 +248,7 @@ class ProjectPoller:
         except ApiError as exc:
             if exc.code != HISTORY_LIMIT_CODE:
                 raise
-            allowed = self._oldest_listable(created_after, now)
+            allowed = self.client.oldest_listable(created_after, now)
             self.log.error(
                 "messages beyond SignalWire's history limit are not counted",
                 skipped_from=_iso(created_after),
@@ -253,21 +259,6 @@ class ProjectPoller:
         if first is not None:
             yield first
             yield from pages
-
-    def _oldest_listable(self, refused: float, now: float) -> float:
-        """Bisect between a refused and an accepted created_after, a few requests at most."""
-        accepted = now
-        for _ in range(HISTORY_PROBES):
-            middle = (refused + accepted) / 2
-            try:
-                next(self.client.list_pages(middle), None)
-            except ApiError as exc:
-                if exc.code != HISTORY_LIMIT_CODE:
-                    raise
-                refused = middle
-            else:
-                accepted = middle
-        return accepted
 
     def _refresh_by_id(self, batch: Batch, ids: Any) -> None:
         for message_id in ids:

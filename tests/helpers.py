@@ -64,6 +64,25 @@ def select(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[s
     return {lbl: v for (n, lbl), v in samples.items() if n == name and want <= set(lbl)}
 
 
+# The metric names of contract §4: rules and dashboards may use these and nothing else.
+CONTRACT_METRICS = frozenset(
+    {
+        "signalwire_messages_total",
+        "signalwire_message_segments_total",
+        "signalwire_message_charge_usd_total",
+        "signalwire_messages_pending",
+        "signalwire_message_failure_ratio",
+        "signalwire_message_error_info",
+        "signalwire_up",
+        "signalwire_last_successful_poll_timestamp_seconds",
+        "signalwire_poll_duration_seconds",
+        "signalwire_cursor_timestamp_seconds",
+        "signalwire_api_requests_total",
+        "signalwire_invalid_records_total",
+        "signalwire_exporter_build_info",
+    }
+)
+
 Totals = dict[tuple[str, str, str, str], tuple[int, int, float]]
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import CONTRACT_METRICS
+
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "signalwire-exporter.json"
@@ -28,24 +30,6 @@ GENERATOR = GRAFANA / "generate_dashboard.py"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PROJECT_FILTER = 'project=~"$project"'
 
-# The contract's metric names (contract §4); nothing else may appear in a query.
-CONTRACT_METRICS = frozenset(
-    {
-        "signalwire_messages_total",
-        "signalwire_message_segments_total",
-        "signalwire_message_charge_usd_total",
-        "signalwire_messages_pending",
-        "signalwire_message_failure_ratio",
-        "signalwire_message_error_info",
-        "signalwire_up",
-        "signalwire_last_successful_poll_timestamp_seconds",
-        "signalwire_poll_duration_seconds",
-        "signalwire_cursor_timestamp_seconds",
-        "signalwire_api_requests_total",
-        "signalwire_invalid_records_total",
-        "signalwire_exporter_build_info",
-    }
-)
 # The one contract metric without a `project` label; its queries filter through signalwire_up.
 WITHOUT_PROJECT = frozenset({"signalwire_exporter_build_info"})
 REQUIRED_ROWS = (

@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import CONTRACT_METRICS, ROOT, free_port, wait_for
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "signalwire.rules.yml"
@@ -35,22 +35,7 @@ RUNBOOK = "https://github.com/signalwire-exporter/signalwire-exporter/blob/main/
 SEVERITIES = {"critical", "warning", "info"}
 
 # The exporter's metrics (contract §4), plus Prometheus's own `up`.
-EXPORTED_METRICS = {
-    "signalwire_messages_total",
-    "signalwire_message_segments_total",
-    "signalwire_message_charge_usd_total",
-    "signalwire_messages_pending",
-    "signalwire_message_failure_ratio",
-    "signalwire_message_error_info",
-    "signalwire_up",
-    "signalwire_last_successful_poll_timestamp_seconds",
-    "signalwire_poll_duration_seconds",
-    "signalwire_cursor_timestamp_seconds",
-    "signalwire_api_requests_total",
-    "signalwire_invalid_records_total",
-    "signalwire_exporter_build_info",
-    "up",
-}
+EXPORTED_METRICS = CONTRACT_METRICS | {"up"}
 
 # PromQL words that look like identifiers but are not metric names.
 PROMQL_KEYWORDS = {

@@ -101,6 +101,7 @@ class ProjectPoller:
         counters: Counters,
         stop: threading.Event,
         clock: Clock = time.time,
+        on_publish: Callable[[ProjectStatus], None] | None = None,
     ) -> None:
         self.project = project
         self.config = config
@@ -108,6 +109,7 @@ class ProjectPoller:
         self.counters = counters
         self.stop = stop
         self.clock = clock
+        self.on_publish = on_publish
         self.log = structlog.get_logger().bind(project=project.name)
         self.client = Client(
             project.base_url,
@@ -328,6 +330,8 @@ class ProjectPoller:
             failure_ratios=self.ledger.failure_ratios(self.clock()),
             error_info=dict(state.error_info),
         )
+        if self.on_publish is not None:
+            self.on_publish(self.status)
 
 
 def _iso(seconds: float) -> str:

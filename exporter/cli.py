@@ -267,14 +267,16 @@ def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> i
         stopping.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    started = False
     try:
         exporter.start()
+        started = True
         if on_started is not None:
             on_started()
         while not stopping.wait(1.0):
-            pass
+            exporter.check()
     except (FatalError, StateError) as exc:
-        log.error("cannot start", error=str(exc))
+        log.error("stopping on a fatal error" if started else "cannot start", error=str(exc))
         print(_one_line(f"{PROG}: {scrub(str(exc))}"), file=sys.stderr)
         exporter.shutdown()
         return 1

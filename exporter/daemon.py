@@ -1,23 +1,21 @@
-"""The daemon: the state store, one poller thread per project, and the HTTP server."""
+"""The daemon: the HTTP server here, the polling in a child process (see exporter.worker)."""
 
 from __future__ import annotations
 
-import gc
-import sys
-import threading
-import time
-from collections.abc import Callable
-
 import structlog
+from prometheus_client import ProcessCollector
 
 from exporter import __version__
 from exporter.config import Config, ListenAddress
-from exporter.logs import redact
+from exporter.logs import redact, settings
 from exporter.metrics import build_registry
-from exporter.poller import Counters, ProjectPoller, ProjectStatus
+from exporter.poller import Counters, CounterState, ProjectStatus
 from exporter.server import ExporterServer
-from exporter.store import Store
 from exporter.webconfig import WebConfig
+from exporter.worker import PollingProcess, WorkerError
+
+# The polling process's own process_* metrics carry this prefix.
+WORKER_NAMESPACE = "signalwire_exporter_poller"
 
 
 class FatalError(Exception):
@@ -29,31 +27,40 @@ class Exporter:
         self,
         config: Config,
         listen: ListenAddress | None = None,
-        clock: Callable[[], float] = time.time,
         web: WebConfig | None = None,
     ) -> None:
         self.config = config
         self.web = web
         self.listen = listen or config.listen_address
-        self.clock = clock
-        self.stop = threading.Event()
         self.counters = Counters()
-        self.pollers: list[ProjectPoller] = []
+        self.views = [ProjectStatus(p.name) for p in config.projects]
         self.loaded = False
         self.server: ExporterServer | None = None
+        self.worker: PollingProcess | None = None
         self.log = structlog.get_logger()
         for project in config.projects:
             redact(project.api_token)
 
     def statuses(self) -> list[ProjectStatus]:
-        return [p.status for p in self.pollers]
+        return list(self.views)
 
     def ready(self) -> bool:
-        return self.loaded and all(p.status.polled for p in self.pollers)
+        return self.loaded and all(view.polled for view in self.views)
+
+    def _on_status(self, index: int, status: ProjectStatus) -> None:
+        self.views[index] = status
+
+    def _on_counters(self, state: CounterState) -> None:
+        self.counters.replace(state)
+
+    def _worker_pid(self) -> int | str:
+        pid = self.worker.pid if self.worker is not None else None
+        return "none" if pid is None else pid  # no such /proc entry: no series
 
     def start(self) -> None:
-        """Listen, load the state, and start polling. Raises FatalError or StateError."""
+        """Listen, then start polling once the state has loaded. Raises FatalError or StateError."""
         registry = build_registry(self.statuses, self.counters)
+        ProcessCollector(namespace=WORKER_NAMESPACE, pid=self._worker_pid, registry=registry)
         try:
             self.server = ExporterServer(self.listen, registry, self.statuses, self.ready, self.web)
         except OSError as exc:
@@ -68,33 +75,24 @@ class Exporter:
         )
         for warning in self.config.warnings:
             self.log.warning("configuration readable by others", detail=warning)
-        self.store = Store(self.config.state_path)
-        for project in self.config.projects:
-            poller = ProjectPoller(
-                project, self.config, self.store, self.counters, self.stop, self.clock
-            )
-            poller.load()
-            self.pollers.append(poller)
+        level, fmt = settings()
+        self.worker = PollingProcess(self.config, self._on_status, self._on_counters, level, fmt)
+        try:
+            self.worker.start()
+        except WorkerError as exc:
+            raise FatalError(str(exc)) from None
         self.loaded = True
-        # A scrape waits for the interpreter lock while a poll decodes pages: hand it over more
-        # often than every 5 ms so scrapes stay quick during polls.
-        sys.setswitchinterval(0.001)
-        gc.collect()
-        gc.freeze()  # the loaded state lives for good: keep it out of every garbage collection
-        self.threads = [
-            threading.Thread(target=p.run, name=f"poll-{p.project.name}", daemon=True)
-            for p in self.pollers
-        ]
-        for thread in self.threads:
-            thread.start()
+
+    def check(self) -> None:
+        """Raise FatalError when polling has stopped for good (the daemon should then exit)."""
+        failure = self.worker.failure() if self.worker is not None else None
+        if failure is not None:
+            raise FatalError(failure)
 
     def shutdown(self) -> None:
-        """Stop polling (a poll in flight is abandoned uncommitted), then close the state."""
-        self.stop.set()
-        for thread in getattr(self, "threads", []):
-            thread.join()
+        """Stop polling (a poll in flight is abandoned uncommitted), then stop serving."""
+        if self.worker is not None:
+            self.worker.stop()
         if self.server is not None:
             self.server.stop()
-        if hasattr(self, "store"):
-            self.store.close()
         self.log.info("stopped")

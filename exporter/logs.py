@@ -15,6 +15,8 @@ import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
 _secrets: set[str] = set()
+# The settings of the last configure(), for the polling process to log alike.
+_settings = {"level": "info", "format": "logfmt"}
 
 
 def redact(secret: str) -> None:
@@ -40,6 +42,7 @@ def _scrub_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 
 
 def configure(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = None) -> None:
+    _settings.update(level=level, format=fmt)
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
@@ -58,3 +61,8 @@ def configure(level: str = "info", fmt: str = "logfmt", stream: TextIO | None = 
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def settings() -> tuple[str, str]:
+    """The log level and format configured last."""
+    return _settings["level"], _settings["format"]

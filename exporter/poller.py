@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -37,6 +37,12 @@ AUTH_BACKOFF_START = 60.0
 AUTH_BACKOFF_MAX = 600.0
 MAX_INVALID_KEYS = 100_000
 PROGRESS_EVERY_PAGES = 25
+
+
+class CounterState(NamedTuple):
+    api_requests: dict[tuple[str, str], int]
+    invalid_records: dict[str, int]
+    poll_errors: dict[tuple[str, str], int]
 
 
 class Counters:
@@ -69,6 +75,19 @@ class Counters:
     def poll_errors_snapshot(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self.poll_errors)
+
+    def state(self) -> CounterState:
+        with self._lock:
+            return CounterState(
+                dict(self.api_requests), dict(self.invalid_records), dict(self.poll_errors)
+            )
+
+    def replace(self, state: CounterState) -> None:
+        """Take over the counts kept by the polling process."""
+        with self._lock:
+            self.api_requests = dict(state.api_requests)
+            self.invalid_records = dict(state.invalid_records)
+            self.poll_errors = dict(state.poll_errors)
 
 
 @dataclass(frozen=True)

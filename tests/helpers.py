@@ -193,12 +193,41 @@ class Daemon:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def kill(self) -> None:
+        """kill -9 the daemon, then wait until its polling process has died with it, as a
+        supervisor restarting it would find things."""
         assert self.proc is not None
+        family = process_family(self.proc.pid) if self.proc.poll() is None else []
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        wait_for(lambda: not any(map(alive, family)), 10, f"the daemon's processes {family} gone")
 
     def terminate(self, timeout: float = 30) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+
+def process_family(pid: int) -> list[int]:
+    """A daemon's process and its children (the polling process), from /proc."""
+    family = [pid]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name in parentheses may hold spaces: the parent pid follows the last ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            family.append(int(entry.name))
+    return family
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie holds no files)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

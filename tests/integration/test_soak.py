@@ -29,6 +29,7 @@ from tests.helpers import (
     ground_truth,
     parse_metrics,
     pending_total,
+    process_family,
     wait_for,
     write_config,
 )
@@ -51,13 +52,17 @@ THREAD_MARGIN = 2
 
 
 def proc_status(pid: int) -> tuple[int, int]:
-    """(VmRSS in kB, Threads) of a process, from /proc/PID/status."""
-    fields = {}
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
-    return int(fields["VmRSS"].split()[0]), int(fields["Threads"])
+    """(VmRSS in kB, Threads) of the daemon and its polling process, from /proc/PID/status."""
+    rss = threads = 0
+    for member in process_family(pid):
+        fields = {}
+        with open(f"/proc/{member}/status", encoding="ascii") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                fields[name] = value.strip()
+        rss += int(fields["VmRSS"].split()[0])
+        threads += int(fields["Threads"])
+    return rss, threads
 
 
 def exported(samples: Samples, project: str) -> Totals:

@@ -393,6 +393,9 @@ class ScriptedExporter:
     def start(self) -> None:
         self.on_start()
 
+    def check(self) -> None:
+        """Polling never stops by itself here."""
+
     def shutdown(self) -> None:
         self.shutdowns += 1
 

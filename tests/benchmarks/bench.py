@@ -2,8 +2,10 @@
 
 A busy day runs in virtual time against the simulator reached in-process (the real client through
 a requests adapter, the real ledger, store and metrics code), then the figures that need a real
-process or real HTTP are measured on the side. Prints a table next to the targets and writes the
-figures as JSON. Not a timed test: the test suite runs it at a tiny size only.
+process or real HTTP are measured on the side: start-up and memory on the day's state, and scrape
+latency of the real daemon while it takes in a backlog from a simulator in another process.
+Prints a table next to the targets and writes the figures as JSON. Not a timed test: the test
+suite runs it at a tiny size only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -23,6 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +34,24 @@ import requests
 import yaml
 
 from exporter.client import _decode as decode
-from exporter.config import Config, ListenAddress, ProjectConfig, SettleConfig
+from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import LabelKey, Ledger, Rules, Totals
 from exporter.logs import configure
 from exporter.metrics import build_registry
 from exporter.poller import Counters, ProjectPoller, ProjectStatus
 from exporter.records import parse_message
-from exporter.server import ExporterServer
 from exporter.simulator import Simulator, SimulatorAdapter, SimulatorServer
 from exporter.store import Store
 from tests.benchmarks.profile import DayProfile, populate
+from tests.helpers import process_family
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://simulator.invalid"
 PROJECT_ID, TOKEN = "bench-project", "PTbench-token"
 POLL, TIMEOUT, PAGE = 30.0, 7200.0, 1000
+DAY = 86400.0
+# Messages the daemon takes in during the scrape measurement: a poll runs for the whole catch-up.
+SCRAPE_BACKLOG = 200_000
 
 TARGETS = {
     "requests_per_1000_messages": ("<=", 12.0),
@@ -68,8 +75,6 @@ class DayResult:
     commit_ms: list[tuple[float, float]] = field(default_factory=list)  # (virtual time, ms)
     totals: dict[LabelKey, Totals] = field(default_factory=dict)
     cpu_s: float = 0.0
-    scrape_idle_ms: list[float] = field(default_factory=list)
-    scrape_busy_ms: list[float] = field(default_factory=list)
     state_path: str = ""
     simulator: Simulator | None = None
     end: float = 0.0
@@ -97,7 +102,7 @@ def final_time(simulator: Simulator, message_id: str, settle: SettleConfig) -> f
     return None
 
 
-def busy_day(profile: DayProfile, workdir: Path, scrape: bool = True) -> DayResult:
+def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
     """The day in virtual time: polls every 30 s until every message has settled."""
     end_of_run = math.floor(time.time())
     tail = TIMEOUT + 3600
@@ -128,28 +133,6 @@ def busy_day(profile: DayProfile, workdir: Path, scrape: bool = True) -> DayResu
             settled_at[message_id] = clock[0]
 
     store.commit = commit  # type: ignore[method-assign]
-    server, scraper, stop = None, None, threading.Event()
-    if scrape:
-        registry = build_registry(lambda: [poller.status], Counters())
-        server = ExporterServer(
-            ListenAddress("127.0.0.1", 0), registry, lambda: [poller.status], lambda: True
-        )
-        server.start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-        session = requests.Session()
-        for _ in range(300):  # idle: no poll running
-            began = time.perf_counter()
-            session.get(url, timeout=10)
-            result.scrape_idle_ms.append((time.perf_counter() - began) * 1000)
-
-        def scrape_loop() -> None:
-            while not stop.wait(0.02):
-                began = time.perf_counter()
-                session.get(url, timeout=10)
-                result.scrape_busy_ms.append((time.perf_counter() - began) * 1000)
-
-        scraper = threading.Thread(target=scrape_loop, daemon=True)
-        scraper.start()
     sys.setswitchinterval(0.001)  # as the daemon sets it
     cpu = time.process_time()
     t = start
@@ -159,11 +142,6 @@ def busy_day(profile: DayProfile, workdir: Path, scrape: bool = True) -> DayResu
         result.polls += 1
         t += POLL
     result.cpu_s = time.process_time() - cpu
-    stop.set()
-    if scraper is not None:
-        scraper.join()
-    if server is not None:
-        server.stop()
     result.requests = simulator.requests_total
     assert poller.ledger is not None
     result.pending_left = len(poller.ledger.state.pending)
@@ -193,6 +171,48 @@ def peak_commit_ms(result: DayResult, profile: DayProfile, start: float, q: floa
     return percentile(peak, q) if peak else float("nan")
 
 
+def daemon_config(path: Path, state: Path, base_url: str, start_from: str = "0s") -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "poll_interval": "30s",
+                "state_path": str(state),
+                "start_from": start_from,
+                "settle": {"timeout": "2h"},
+                "request": {"page_size": PAGE},
+                "projects": [
+                    {
+                        "name": "busy",
+                        "space": base_url,
+                        "project_id": PROJECT_ID,
+                        "api_token": TOKEN,
+                    }
+                ],
+            }
+        )
+    )
+    path.chmod(0o600)  # it holds the token
+    return path
+
+
+def spawn_daemon(config: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "exporter", "--config.file", str(config),
+         "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak RSS of the daemon and its polling process together (each one's VmHWM, summed)."""
+    peak_kb = 0
+    for member in process_family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kb += int(line.split()[1])
+    return peak_kb / 1024
+
+
 def daemon_start(result: DayResult, workdir: Path) -> tuple[float, float]:
     """Start the real daemon on the day's state file; seconds to /-/ready and its peak RSS."""
     assert result.simulator is not None
@@ -201,33 +221,11 @@ def daemon_start(result: DayResult, workdir: Path) -> tuple[float, float]:
     with SimulatorServer(simulator) as api:
         state = workdir / "startup.db"
         shutil.copy(result.state_path, state)
-        config = workdir / "startup.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "poll_interval": "30s",
-                    "state_path": str(state),
-                    "settle": {"timeout": "2h"},
-                    "projects": [
-                        {
-                            "name": "busy",
-                            "space": api.base_url,
-                            "project_id": PROJECT_ID,
-                            "api_token": TOKEN,
-                        }
-                    ],
-                }
-            )
-        )
-        config.chmod(0o600)  # it holds the token
+        config = daemon_config(workdir / "startup.yaml", state, api.base_url)
         with socket_port() as port:
             pass
         began = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--config.file", str(config),
-             "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
+        proc = spawn_daemon(config, port)
         ready = float("nan")
         try:
             while time.monotonic() - began < 60:
@@ -240,14 +238,76 @@ def daemon_start(result: DayResult, workdir: Path) -> tuple[float, float]:
                 time.sleep(0.02)
             for _ in range(20):
                 requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
-            peak_kb = 0
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak_kb = int(line.split()[1])
+            rss = peak_rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    return ready, peak_kb / 1024
+    return ready, rss
+
+
+def _remote_simulator(backlog: int, start: float, conn: Connection) -> None:
+    """SignalWire's side, in its own process and at a lower priority: in production it runs on
+    other machines, not on the exporter's CPU."""
+    os.nice(10)
+    simulator = Simulator(seed=5)
+    simulator.add_project(PROJECT_ID, TOKEN)
+    populate(simulator, PROJECT_ID, DayProfile(messages=backlog), start, seed=6)
+    with SimulatorServer(simulator) as api:
+        conn.send(api.base_url)
+        conn.recv()  # until the benchmark is done
+
+
+@dataclass
+class ScrapeResult:
+    idle_ms: list[float] = field(default_factory=list)
+    polling_ms: list[float] = field(default_factory=list)
+    catch_up_s: float = float("nan")
+
+
+def scrape_latency(workdir: Path, backlog: int, idle_samples: int = 500) -> ScrapeResult:
+    """Scrape the real daemon every 20 ms while its first poll takes in a day's backlog (a poll
+    running all along), then while it waits for its next poll (idle)."""
+    context = multiprocessing.get_context("fork")  # no threads run in this process now
+    ours, theirs = context.Pipe()
+    start = time.time() - DAY - 2 * 3600
+    simulator = context.Process(target=_remote_simulator, args=(backlog, start, theirs))
+    simulator.start()
+    result = ScrapeResult()
+    try:
+        base_url = ours.recv()
+        config = daemon_config(
+            workdir / "scrape.yaml", workdir / "scrape.db", base_url, start_from="2d"
+        )
+        with socket_port() as port:
+            pass
+        url = f"http://127.0.0.1:{port}"
+        proc = spawn_daemon(config, port)
+        session = requests.Session()
+        began = time.monotonic()
+        try:
+            while len(result.idle_ms) < idle_samples and time.monotonic() - began < 600:
+                try:
+                    t0 = time.perf_counter()
+                    session.get(f"{url}/metrics", timeout=10).raise_for_status()
+                    ms = (time.perf_counter() - t0) * 1000
+                    ready = session.get(f"{url}/-/ready", timeout=10).ok
+                except requests.RequestException:
+                    time.sleep(0.05)  # not listening yet
+                    continue
+                if not ready:
+                    result.polling_ms.append(ms)
+                else:
+                    if not result.idle_ms:
+                        result.catch_up_s = time.monotonic() - began
+                    result.idle_ms.append(ms)
+                time.sleep(0.02)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        ours.send("done")
+        simulator.join(timeout=30)
+    return result
 
 
 class socket_port:
@@ -365,15 +425,22 @@ def render_ms(totals: dict[LabelKey, Totals], projects: int) -> float:
     return statistics.median(times)
 
 
-def figures(profile: DayProfile, workdir: Path, ingest_records: int) -> dict[str, Any]:
+def figures(
+    profile: DayProfile,
+    workdir: Path,
+    ingest_records: int,
+    scrape_backlog: int = SCRAPE_BACKLOG,
+    idle_scrapes: int = 500,
+) -> dict[str, Any]:
     result = busy_day(profile, workdir)
     start = result.end - profile.seconds - TIMEOUT - 3600
     ready, rss = daemon_start(result, workdir)
     result.simulator = None  # free the day before timing CPU
     gc.collect()
     ratio, pipeline_cpu, json_cpu = ingest_ratio(ingest_records, workdir)
-    idle = percentile(result.scrape_idle_ms, 0.99)
-    busy = percentile(result.scrape_busy_ms, 0.99)
+    scrapes = scrape_latency(workdir, scrape_backlog, idle_scrapes)
+    idle = percentile(scrapes.idle_ms, 0.99)
+    busy = percentile(scrapes.polling_ms, 0.99)
     return {
         "messages": result.messages,
         "polls": result.polls,
@@ -392,6 +459,10 @@ def figures(profile: DayProfile, workdir: Path, ingest_records: int) -> dict[str
         "scrape_idle_p99_ms": idle,
         "scrape_polling_p99_ms": busy,
         "scrape_p99_ratio_polling_to_idle": busy / idle,
+        "scrapes_polling": len(scrapes.polling_ms),
+        "scrapes_idle": len(scrapes.idle_ms),
+        "catch_up_messages": scrape_backlog,
+        "catch_up_s": scrapes.catch_up_s,
         "startup_to_ready_s": ready,
         "commit_per_poll_at_peak_max_ms": peak_commit_ms(result, profile, start),
         "commit_per_poll_median_ms": statistics.median(ms for _, ms in result.commit_ms),
@@ -416,7 +487,7 @@ def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[
                 }
             )
             continue
-        result = busy_day(DayProfile(messages=size), workdir / f"s{size}", scrape=False)
+        result = busy_day(DayProfile(messages=size), workdir / f"s{size}")
         rows.append(
             {
                 "messages_per_day": size,
@@ -426,7 +497,7 @@ def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[
                 "state_file_mb": Path(result.state_path).stat().st_size / 2**20,
             }
         )
-    totals = busy_day(DayProfile(messages=sizes[0]), workdir / "p", scrape=False).totals
+    totals = busy_day(DayProfile(messages=sizes[0]), workdir / "p").totals
     for projects in (1, 10, 100):
         rows.append({"projects": projects, "metrics_render_median_ms": render_ms(totals, projects)})
     return rows
@@ -459,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=1_000_000, help="messages in the day")
     parser.add_argument("--ingest", type=int, default=1_000_000, help="records for the CPU ratio")
+    parser.add_argument(
+        "--scrape-backlog",
+        type=int,
+        default=SCRAPE_BACKLOG,
+        help="messages the daemon takes in while its scrapes are timed",
+    )
     parser.add_argument("--scaling", default="10000,100000,1000000", help="sizes, comma-separated")
     parser.add_argument("--output", default="bench-results.json")
     args = parser.parse_args(argv)
@@ -466,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         began = time.monotonic()
-        results = figures(DayProfile(messages=args.messages), workdir, args.ingest)
+        results = figures(
+            DayProfile(messages=args.messages), workdir, args.ingest, args.scrape_backlog
+        )
         print(table(results), flush=True)
         sizes = [int(s) for s in args.scaling.split(",") if s]
         growth = scaling(workdir, sizes, results) if sizes else []

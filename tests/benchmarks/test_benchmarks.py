@@ -10,10 +10,17 @@ from tests.benchmarks.profile import DayProfile
 
 
 def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
-    results = figures(DayProfile(messages=3000, seconds=3600.0), tmp_path, ingest_records=2000)
+    results = figures(
+        DayProfile(messages=3000, seconds=3600.0),
+        tmp_path,
+        ingest_records=2000,
+        scrape_backlog=20_000,
+        idle_scrapes=50,
+    )
     for name in TARGETS:
         assert math.isfinite(results[name]), name
     assert results["messages"] == 3000
     assert results["pending_left"] == 0, "every message settles by the end of the run"
     assert results["settled_by_status"] > 2500
+    assert results["scrapes_polling"] > 0 and results["scrapes_idle"] == 50
     assert "requests_per_1000_messages" in table(results)

@@ -140,6 +140,8 @@ def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
         clock[0] = t
         poller.poll_once()
         result.polls += 1
+        if result.polls % PROGRESS_POLLS == 0:
+            progress(f"{profile.messages:,} messages: virtual hour {(t - start) / 3600:.0f}")
         t += POLL
     result.cpu_s = time.process_time() - cpu
     result.requests = simulator.requests_total
@@ -155,6 +157,15 @@ def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
     result.end = end_of_run
     gc.unfreeze()
     return result
+
+
+_BEGAN = time.monotonic()
+PROGRESS_POLLS = 240  # every 2 virtual hours
+
+
+def progress(what: str) -> None:
+    """One line on stderr per step of a long run."""
+    print(f"[{time.monotonic() - _BEGAN:5.0f} s] {what}", file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -432,12 +443,16 @@ def figures(
     scrape_backlog: int = SCRAPE_BACKLOG,
     idle_scrapes: int = 500,
 ) -> dict[str, Any]:
+    progress(f"the busy day: {profile.messages:,} messages in virtual time")
     result = busy_day(profile, workdir)
     start = result.end - profile.seconds - TIMEOUT - 3600
+    progress("start-up and memory of the daemon on the day's state")
     ready, rss = daemon_start(result, workdir)
     result.simulator = None  # free the day before timing CPU
     gc.collect()
+    progress(f"ingest CPU: {ingest_records:,} records")
     ratio, pipeline_cpu, json_cpu = ingest_ratio(ingest_records, workdir)
+    progress(f"scrape latency: the daemon takes in {scrape_backlog:,} messages")
     scrapes = scrape_latency(workdir, scrape_backlog, idle_scrapes)
     idle = percentile(scrapes.idle_ms, 0.99)
     busy = percentile(scrapes.polling_ms, 0.99)
@@ -487,6 +502,7 @@ def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[
                 }
             )
             continue
+        progress(f"growth: a day of {size:,} messages")
         result = busy_day(DayProfile(messages=size), workdir / f"s{size}")
         rows.append(
             {
@@ -497,6 +513,7 @@ def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[
                 "state_file_mb": Path(result.state_path).stat().st_size / 2**20,
             }
         )
+    progress("render time by number of projects")
     totals = busy_day(DayProfile(messages=sizes[0]), workdir / "p").totals
     for projects in (1, 10, 100):
         rows.append({"projects": projects, "metrics_render_median_ms": render_ms(totals, projects)})

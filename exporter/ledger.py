@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
+from typing import Any, NamedTuple
 
 from exporter.config import SettleConfig
 from exporter.records import Message
@@ -64,6 +67,9 @@ MIDDLE_GETS_PER_POLL = 1
 TIMEOUT_EVERY_POLLS = 3
 # First-sighting counts per minute, kept this long, estimate the cost of re-listing a time range.
 HISTOGRAM_BUCKET = 60
+# Pending messages are indexed by minute of creation, so planning skips the many that the head
+# listing sees anyway without looking at them one by one.
+PENDING_BUCKET = 60
 
 
 @dataclass(slots=True)
@@ -78,12 +84,17 @@ class Totals:
         self.charge_nano += other.charge_nano
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
+class Pending(NamedTuple):
     """A message seen but not yet settled: its latest record and when that was observed."""
 
     message: Message
     observed_at: float
+
+
+# Builds a Pending from a tuple of its fields without the keyword-handling constructor.
+_new_pending: Callable[[type[Pending], tuple[Any, ...]], Pending] = tuple.__new__
+_segments_of = attrgetter("segments")
+_charge_of = attrgetter("charge_nano")
 
 
 @dataclass
@@ -173,6 +184,7 @@ class PollDelta:
     prune_window_before: int = 0
     new_messages: int = 0
     settled_by_timeout: int = 0
+    sightings: dict[float, int] = field(default_factory=dict)  # created_at -> first sightings
 
     @property
     def settled_count(self) -> int:
@@ -180,7 +192,11 @@ class PollDelta:
 
 
 class Ledger:
-    """One project's counting state and rules."""
+    """One project's counting state and rules.
+
+    `state.pending` and `state.settled` change only through `apply`, which keeps the indexes
+    below in step with them.
+    """
 
     def __init__(self, rules: Rules, state: LedgerState) -> None:
         self.rules = rules
@@ -188,11 +204,23 @@ class Ledger:
         self._histogram: dict[int, int] = {}
         # Kept up to date by apply(), so neither a poll nor a scrape walks every message.
         self._pending_counts: dict[tuple[str, str, str], int] = {}
-        self._settled_by_age = [(created, i) for i, created in state.settled.items()]
-        heapq.heapify(self._settled_by_age)
+        # Recently settled ids in the groups they were settled in, each with its oldest created_at:
+        # pruning looks only at the groups old enough to hold something to prune.
+        self._settled_groups: list[tuple[float, dict[str, float]]] = []
+        self._settled_oldest = math.inf
+        if state.settled:
+            self._settled_oldest = min(state.settled.values())
+            self._settled_groups.append((self._settled_oldest, dict(state.settled)))
+        # state.pending by minute of creation: planning skips whole minutes at once.
+        self._pending_index: dict[int, dict[str, Pending]] = {}
+        # Per minute, a lower bound of its messages' observed_at: a minute of the middle tier
+        # where none can be due yet is skipped whole.
+        self._seen_bound: dict[int, float] = {}
+        self._indexed = 0
         for pending in state.pending.values():
             self._count_sighting(pending.message.created_at)
             self._count_pending(pending.message, 1)
+        self._reindex_pending()
 
     def _count_pending(self, message: Message, change: int) -> None:
         key = (message.direction, message.kind, message.status)
@@ -201,6 +229,36 @@ class Ledger:
             self._pending_counts[key] = count
         else:
             del self._pending_counts[key]
+
+    def _reindex_pending(self) -> None:
+        self._pending_index = {}
+        self._seen_bound = {}
+        self._indexed = 0
+        for message_id, pending in self.state.pending.items():
+            self._index_pending(message_id, pending)
+
+    def _index_pending(self, message_id: str, pending: Pending) -> None:
+        """Add or replace a pending message in the index (its created_at unchanged)."""
+        bucket = int(pending.message.created_at // PENDING_BUCKET)
+        bound = self._seen_bound.get(bucket)
+        if bound is None or pending.observed_at < bound:
+            self._seen_bound[bucket] = pending.observed_at
+        members = self._pending_index.get(bucket)
+        if members is None:
+            self._pending_index[bucket] = {message_id: pending}
+            self._indexed += 1
+        else:
+            self._indexed += message_id not in members
+            members[message_id] = pending
+
+    def _unindex_pending(self, message_id: str, created_at: float) -> None:
+        bucket = int(created_at // PENDING_BUCKET)
+        members = self._pending_index.get(bucket)
+        if members is not None and members.pop(message_id, None) is not None:
+            self._indexed -= 1
+            if not members:
+                del self._pending_index[bucket]
+                del self._seen_bound[bucket]
 
     # ----------------------------------------------------------------- planning
     def plan(self, now: float) -> PollPlan:
@@ -213,23 +271,54 @@ class Ledger:
         timed_out: list[Pending] = []
         middle: list[tuple[float, Pending]] = []
         recent_due = timeout_due = False
-        for pending in state.pending.values():
-            created = pending.message.created_at
-            unseen = now - pending.observed_at
-            if created + timeout <= now:
-                timed_out.append(pending)
-                # Batch the timeout tier: wait until the first has been due a few polls.
-                timeout_due |= created + timeout + (TIMEOUT_EVERY_POLLS - 1) * interval <= now
-            elif created >= horizon:
-                continue  # the head listing sees it
-            elif created >= recent_since:
-                if unseen >= interval * 0.5:
-                    recent.append(pending)
-                recent_due |= unseen >= (RECENT_EVERY_POLLS - 0.5) * interval
-            else:
-                wait = max((now - created) / MIDDLE_AGE_DIVISOR, RECENT_EVERY_POLLS * interval)
-                if unseen >= wait:
-                    middle.append((unseen / wait, pending))
+        if self._indexed != len(state.pending):
+            self._reindex_pending()  # a safety net: nothing but apply() should change pending
+        min_wait = RECENT_EVERY_POLLS * interval
+        index = self._pending_index
+        for bucket in sorted(index):
+            bucket_start = bucket * PENDING_BUCKET
+            bucket_end = bucket_start + PENDING_BUCKET
+            if bucket_start + timeout > now:  # none timed out
+                if bucket_start >= horizon:
+                    continue  # the head listing sees them all (the common case)
+                if bucket_end <= recent_since and bucket_end <= horizon:
+                    # All in the middle tier: the same test as below, without the tier checks,
+                    # and none of it when even the longest unseen is not due yet.
+                    shortest_wait = max((now - bucket_end) / MIDDLE_AGE_DIVISOR, min_wait)
+                    if now - self._seen_bound[bucket] < shortest_wait:
+                        continue
+                    least_seen = math.inf
+                    for pending in index[bucket].values():
+                        observed = pending.observed_at
+                        if observed < least_seen:
+                            least_seen = observed
+                        unseen = now - observed
+                        if unseen < min_wait:
+                            continue
+                        wait = (now - pending.message.created_at) / MIDDLE_AGE_DIVISOR
+                        if wait < min_wait:
+                            wait = min_wait
+                        if unseen >= wait:
+                            middle.append((unseen / wait, pending))
+                    self._seen_bound[bucket] = least_seen  # exact again
+                    continue
+            for pending in index[bucket].values():
+                created = pending.message.created_at
+                unseen = now - pending.observed_at
+                if created + timeout <= now:
+                    timed_out.append(pending)
+                    # Batch the timeout tier: wait until the first has been due a few polls.
+                    timeout_due |= created + timeout + (TIMEOUT_EVERY_POLLS - 1) * interval <= now
+                elif created >= horizon:
+                    continue  # the head listing sees it
+                elif created >= recent_since:
+                    if unseen >= interval * 0.5:
+                        recent.append(pending)
+                    recent_due |= unseen >= (RECENT_EVERY_POLLS - 0.5) * interval
+                else:
+                    wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
+                    if unseen >= wait:
+                        middle.append((unseen / wait, pending))
         head_after = horizon
         ranges: list[Listing] = []
         gets: list[str] = []
@@ -251,8 +340,8 @@ class Ledger:
                 ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
             else:
                 gets += sorted(refreshed)
-        middle.sort(key=lambda item: item[0], reverse=True)
-        for _, pending in middle[:MIDDLE_GETS_PER_POLL] if recent_due or not recent else []:
+        most_overdue = heapq.nlargest(MIDDLE_GETS_PER_POLL, middle, key=itemgetter(0))
+        for _, pending in most_overdue if recent_due or not recent else []:
             created = pending.message.created_at
             covered = created >= head_after or any(
                 lo <= created <= (hi or now) for lo, hi in ranges
@@ -283,35 +372,39 @@ class Ledger:
     def apply(self, delta: PollDelta) -> None:
         """Make a committed poll's effects current."""
         state = self.state
-        for message_id, pending in delta.pending_upserts.items():
-            if message_id not in state.pending:
-                self._count_sighting(pending.message.created_at)
-        for message_id, created_at in delta.settled_ids.items():
-            if message_id not in state.pending:
-                self._count_sighting(created_at)
+        histogram = self._histogram
+        for created_at, count in delta.sightings.items():
+            minute = int(created_at // HISTOGRAM_BUCKET)
+            histogram[minute] = histogram.get(minute, 0) + count
         state.cursor = delta.cursor
+        pendings = state.pending
         for message_id in delta.pending_removed:
-            removed = state.pending.pop(message_id, None)
+            removed = pendings.pop(message_id, None)
             if removed is not None:
                 self._count_pending(removed.message, -1)
+                self._unindex_pending(message_id, removed.message.created_at)
         for message_id, pending in delta.pending_upserts.items():
-            previous = state.pending.get(message_id)
+            previous = pendings.get(message_id)
             if previous is not None:
                 self._count_pending(previous.message, -1)
+                if previous.message.created_at != pending.message.created_at:
+                    self._unindex_pending(message_id, previous.message.created_at)
             self._count_pending(pending.message, 1)
-            state.pending[message_id] = pending
+            self._index_pending(message_id, pending)
+            pendings[message_id] = pending
         for message_id, observed_at in delta.pending_seen.items():
-            known = state.pending.get(message_id)
+            known = pendings.get(message_id)
             if known is not None and message_id not in delta.pending_removed:
-                state.pending[message_id] = Pending(known.message, observed_at)
-        for message_id, created_at in delta.settled_ids.items():
-            state.settled[message_id] = created_at
-            heapq.heappush(self._settled_by_age, (created_at, message_id))
-        by_age = self._settled_by_age
-        while by_age and by_age[0][0] < delta.prune_settled_before:
-            created_at, message_id = heapq.heappop(by_age)
-            if state.settled.get(message_id) == created_at:  # not a stale entry
-                del state.settled[message_id]
+                seen_again = _new_pending(Pending, (known.message, observed_at))
+                self._index_pending(message_id, seen_again)
+                pendings[message_id] = seen_again
+        if delta.settled_ids:
+            settled_now = dict(delta.settled_ids)
+            state.settled.update(settled_now)
+            oldest = min(settled_now.values())
+            self._settled_groups.append((oldest, settled_now))
+            self._settled_oldest = min(self._settled_oldest, oldest)
+        self._prune_settled(delta.prune_settled_before)
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
         state.error_info.update(delta.error_info)
@@ -320,7 +413,29 @@ class Ledger:
             state.window[wkey] = (s + settled, f + failed)
         state.window = {k: v for k, v in state.window.items() if k[0] >= delta.prune_window_before}
         oldest_minute = int((delta.cursor - self.rules.settle.timeout - 3600) // HISTOGRAM_BUCKET)
-        self._histogram = {m: n for m, n in self._histogram.items() if m >= oldest_minute}
+        self._histogram = {m: n for m, n in histogram.items() if m >= oldest_minute}
+
+    def _prune_settled(self, before: float) -> None:
+        """Forget the settled ids created before `before`: they can no longer be re-listed."""
+        if self._settled_oldest >= before:
+            return
+        groups = self._settled_groups
+        settled = self.state.settled
+        kept: list[tuple[float, dict[str, float]]] = []
+        for oldest, group in groups:
+            if oldest >= before:
+                kept.append((oldest, group))
+                continue
+            rest: dict[str, float] = {}
+            for message_id, created_at in group.items():
+                if created_at >= before:
+                    rest[message_id] = created_at
+                elif settled.get(message_id) == created_at:  # not settled again since
+                    del settled[message_id]
+            if rest:
+                kept.append((min(rest.values()), rest))
+        self._settled_groups = kept
+        self._settled_oldest = min((oldest for oldest, _ in kept), default=math.inf)
 
     # ----------------------------------------------------------------- reading
     def pending_by_labels(self) -> dict[tuple[str, str, str], int]:
@@ -345,40 +460,107 @@ class Ledger:
 
 
 class Batch:
-    """The observations of one poll, turned into a PollDelta by `close`."""
+    """The observations of one poll, turned into a PollDelta by `close`.
+
+    Most records settle on first sight. Those are grouped by their raw label set as they come, so
+    `close` maps labels and error codes once per label set instead of once per message.
+    """
 
     def __init__(self, ledger: Ledger, plan: PollPlan) -> None:
         self.ledger = ledger
         self.plan = plan
-        self.settled: dict[str, tuple[Message, float]] = {}  # id -> (record, settled at)
+        self.settled: dict[str, float] = {}  # id -> created_at, settled by a final status
         self.seen: dict[str, Pending] = {}  # latest observation of each unsettled message
         self.gone_ids: set[str] = set()
         self.new_messages = 0
         self.ignored = 0
-
-    def _final(self, message: Message) -> bool:
-        return self.ledger.rules.settle.is_final(message.kind, message.status)
+        state = ledger.state
+        settle = ledger.rules.settle
+        self._committed = state.settled
+        self._pending = state.pending
+        # SettleConfig.is_final, taken apart so the per-record test is two set lookups.
+        self._final = settle.final_statuses
+        self._final_by_kind = settle.final_statuses_by_kind
+        self._floor = max(state.start_point, plan.horizon)  # unknown records below are ignored
+        self._groups: dict[LabelKey, list[Message]] = {}  # settled, by raw label set
+        self._error_texts: dict[str, str] = {}  # raw error code -> latest settled error_message
+        self._settled_pending: list[str] = []  # settled ids that were pending before this poll
+        self._sightings: dict[float, int] = {}  # created_at -> messages first seen in this poll
 
     def observe(self, message: Message, at: float) -> None:
         """One record as listed or fetched at time `at`, duplicates and stale copies included."""
-        state = self.ledger.state
-        message_id = message.id
-        if message_id in self.settled or message_id in state.settled:
+        message_id, created_at, direction, kind, status, code, text, _, _ = message
+        settled = self.settled
+        if message_id in settled or message_id in self._committed:
             return
-        known = message_id in state.pending or message_id in self.seen
-        if not known:
-            if message.created_at < state.start_point or message.created_at < self.plan.horizon:
+        seen, pending = self.seen, self._pending
+        in_seen = message_id in seen
+        if in_seen:
+            if seen[message_id].observed_at > at:
+                return  # an older observation arriving late never overrides a newer one
+        elif message_id not in pending:
+            if created_at < self._floor:
                 self.ignored += 1
                 return
             self.new_messages += 1
-        previous = self.seen.get(message_id)
-        if previous is not None and previous.observed_at > at:
-            return  # an older observation arriving late never overrides a newer one
-        if self._final(message):
-            self.settled[message_id] = (message, at)
-            self.seen.pop(message_id, None)
+            sightings = self._sightings
+            sightings[created_at] = sightings.get(created_at, 0) + 1
+        if status in self._final or status in self._final_by_kind.get(kind, ()):
+            settled[message_id] = created_at
+            key = (direction, kind, status, code)
+            group = self._groups.get(key)
+            if group is None:
+                self._groups[key] = [message]
+            else:
+                group.append(message)
+            if code and text:
+                self._error_texts[code] = text
+            if in_seen:
+                del seen[message_id]
+            if message_id in pending:
+                self._settled_pending.append(message_id)
         else:
-            self.seen[message_id] = Pending(message, at)
+            seen[message_id] = _new_pending(Pending, (message, at))
+
+    def observe_all(self, messages: Iterable[Message], at: float) -> None:
+        """`observe` for each of `messages` (a page), with the loop's lookups hoisted."""
+        settled, committed, pending, seen = self.settled, self._committed, self._pending, self.seen
+        groups, texts, sightings = self._groups, self._error_texts, self._sightings
+        settled_pending = self._settled_pending
+        final, final_by_kind, floor = self._final, self._final_by_kind, self._floor
+        new_messages = ignored = 0
+        for message in messages:
+            message_id, created_at, direction, kind, status, code, text, _, _ = message
+            if message_id in settled or message_id in committed:
+                continue
+            in_seen = message_id in seen
+            if in_seen:
+                if seen[message_id].observed_at > at:
+                    continue  # an older observation arriving late never overrides a newer one
+            elif message_id not in pending:
+                if created_at < floor:
+                    ignored += 1
+                    continue
+                new_messages += 1
+                sightings[created_at] = sightings.get(created_at, 0) + 1
+            if status in final or status in final_by_kind.get(kind, ()):
+                settled[message_id] = created_at
+                key = (direction, kind, status, code)
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [message]
+                else:
+                    group.append(message)
+                if code and text:
+                    texts[code] = text
+                if in_seen:
+                    del seen[message_id]
+                if message_id in pending:
+                    settled_pending.append(message_id)
+            else:
+                seen[message_id] = _new_pending(Pending, (message, at))
+        self.new_messages += new_messages
+        self.ignored += ignored
 
     def gone(self, message_id: str, at: float) -> None:
         """A pending message that SignalWire no longer knows (404 on get-by-id)."""
@@ -394,17 +576,38 @@ class Batch:
         ]
 
     def close(self, now: float, listing_started: float) -> PollDelta:
-        """Settle what this poll allows and compute the new cursor (rules 2-4, 6, 7)."""
+        """Settle what this poll allows and compute the new cursor (rules 2-4, 6, 7).
+
+        The batch itself is left as it was: closing twice gives the same delta.
+        """
         state, rules = self.ledger.state, self.ledger.rules
         timeout = rules.settle.timeout
         cursor = max(state.cursor, listing_started - CURSOR_SAFETY)
-        delta = PollDelta(cursor=cursor, new_messages=self.new_messages)
-        to_settle: list[tuple[Message, float]] = list(self.settled.values())
+        delta = PollDelta(
+            cursor=cursor,
+            new_messages=self.new_messages,
+            settled_ids=dict(self.settled),
+            pending_removed=set(self._settled_pending),
+            sightings=dict(self._sightings),
+        )
+        groups = dict(self._groups)
+        texts = dict(self._error_texts)
+
+        def settle_late(message: Message) -> None:
+            # After the first-sight settlements, in the order the per-message rules use.
+            delta.settled_ids[message.id] = message.created_at
+            if message.id in state.pending:
+                delta.pending_removed.add(message.id)
+            key = (message.direction, message.kind, message.status, message.error_code)
+            groups[key] = [*groups.get(key, ()), message]
+            if message.error_code and message.error_message:
+                texts[message.error_code] = message.error_message
+            delta.settled_by_timeout += 1
+
         for message_id, pending in self.seen.items():
             # Rule 2: past the timeout, settle with the status observed after the timeout.
             if pending.observed_at >= pending.message.created_at + timeout:
-                to_settle.append((pending.message, pending.observed_at))
-                delta.settled_by_timeout += 1
+                settle_late(pending.message)
             elif (known := state.pending.get(message_id)) is not None and (
                 known.message == pending.message
             ):
@@ -416,32 +619,34 @@ class Batch:
                 continue
             last = state.pending[message_id]
             if last.message.created_at + timeout <= now:
-                to_settle.append((last.message, now))
-                delta.settled_by_timeout += 1
+                settle_late(last.message)
         codes = state.error_codes()
         labels = state.label_values()
         second = int(now)
-        for message, _ in to_settle:
-            delta.settled_ids[message.id] = message.created_at
-            if message.id in state.pending:
-                delta.pending_removed.add(message.id)
-            code = message.error_code
+        # Label sets in order of first settlement: new error codes and label values are admitted
+        # in the same order as message by message.
+        for (direction, kind, status, code), group in groups.items():
             if code and code not in codes:
                 if len(codes) < rules.max_error_codes:
                     codes.add(code)
                 else:
                     code = OTHER_ERROR_CODE
-            direction, kind, status = labels.of(message)
-            key = (direction, kind, status, code)
-            inc = delta.totals.setdefault(key, Totals())
-            inc.messages += 1
-            inc.segments += message.segments
-            inc.charge_nano += message.charge_nano
-            if code and code != OTHER_ERROR_CODE and message.error_message:
-                delta.error_info[code] = message.error_message
+            direction, kind, label_status = labels.map(direction, kind, status)
+            key = (direction, kind, label_status, code)
+            inc = delta.totals.get(key)
+            if inc is None:
+                inc = delta.totals[key] = Totals()
+            count = len(group)
+            inc.messages += count
+            inc.segments += sum(map(_segments_of, group))
+            inc.charge_nano += sum(map(_charge_of, group))
             wkey = (second, direction, kind)
             settled, failed = delta.window_add.get(wkey, (0, 0))
-            delta.window_add[wkey] = (settled + 1, failed + (message.status in FAILED_STATUSES))
+            failed += count if status in FAILED_STATUSES else 0
+            delta.window_add[wkey] = (settled + count, failed)
+        for code, text in texts.items():
+            if code in codes and code != OTHER_ERROR_CODE:
+                delta.error_info[code] = text
         delta.prune_settled_before = cursor - LISTING_SLACK - 1.0
         delta.prune_window_before = int(now - rules.failure_ratio_window) - 1
         return delta

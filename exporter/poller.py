@@ -29,7 +29,7 @@ from exporter.client import (
 from exporter.config import Config, ProjectConfig, read_token_file
 from exporter.ledger import Batch, LabelKey, Ledger, PollDelta, Rules, Totals
 from exporter.logs import redact
-from exporter.records import InvalidRecord, Message, parse_message
+from exporter.records import InvalidRecord, Message, parse_message, parse_records
 from exporter.store import CommitError, Store
 
 Clock = Callable[[], float]
@@ -242,13 +242,9 @@ class ProjectPoller:
             if server_time is None:
                 server_time = page.server_time
             at = self.clock()
+            # Records re-listed after settling are skipped unparsed (observe would skip them too).
             settled = self.ledger.state.settled
-            for raw in page.records:
-                if type(raw) is dict and raw.get("id") in settled:
-                    continue  # re-listed after settling: nothing to parse (observe skips it too)
-                message = self._parse(raw)
-                if message is not None:
-                    batch.observe(message, at)
+            batch.observe_all(parse_records(page.records, self._invalid, settled), at)
             records += len(page.records)
             if number % PROGRESS_EVERY_PAGES == 0:
                 self.log.info("listing in progress", pages=number, records=records)
@@ -298,13 +294,17 @@ class ProjectPoller:
         try:
             return parse_message(raw)
         except InvalidRecord as exc:
-            if exc.key not in self._invalid_keys:
-                if len(self._invalid_keys) >= MAX_INVALID_KEYS:
-                    self._invalid_keys.clear()
-                self._invalid_keys.add(exc.key)
-                self.counters.invalid(self.project.name)
-                self.log.warning("invalid record skipped", reason=exc.reason)
+            self._invalid(exc)
             return None
+
+    def _invalid(self, exc: InvalidRecord) -> None:
+        """Count and report an invalid record once, however often it is listed."""
+        if exc.key not in self._invalid_keys:
+            if len(self._invalid_keys) >= MAX_INVALID_KEYS:
+                self._invalid_keys.clear()
+            self._invalid_keys.add(exc.key)
+            self.counters.invalid(self.project.name)
+            self.log.warning("invalid record skipped", reason=exc.reason)
 
     def _reload_token(self) -> bool:
         """On 401/403, pick up a rotated token from api_token_file without a restart."""

@@ -7,9 +7,9 @@ A record that lacks a field the counting rules need, or carries it with the wron
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 NANO = 1_000_000_000
 
@@ -23,9 +23,11 @@ class InvalidRecord(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """The fields of a message log that the counting rules use; `error_code` is "" when null."""
+class Message(NamedTuple):
+    """The fields of a message log that the counting rules use; `error_code` is "" when null.
+
+    A named tuple rather than a frozen dataclass: it is built for every record listed, and a
+    tuple is built several times faster."""
 
     id: str
     created_at: float
@@ -76,56 +78,149 @@ def charge_to_nano(value: Any, key: str) -> int:
     return nano
 
 
+# Builds a Message from a tuple of its fields without the keyword-handling constructor.
+_new_message: Callable[[type[Message], tuple[Any, ...]], Message] = tuple.__new__
+
+
 def parse_message(raw: Any) -> Message:
     """Validate one record of `data[]` (or a get-by-id answer).
 
     The common case (every field present with its usual type) takes the fast path; anything else
     goes through the full checks, which say exactly what is wrong.
     """
-    if type(raw) is dict:
-        get = raw.get
-        message_id, created, direction = get("id"), get("created_at"), get("direction")
-        kind, status, segments, charge = (
-            get("kind"),
-            get("status"),
-            get("number_of_segments"),
-            get("charge"),
-        )
-        error_code, error_message = get("error_code"), get("error_message")
-        if (
-            type(message_id) is str
-            and message_id
-            and type(created) is str
-            and type(direction) is str
-            and direction
-            and type(kind) is str
-            and kind
-            and type(status) is str
-            and status
-            and type(segments) is int
-            and segments >= 0
-            and type(charge) is float
-            and 0 <= charge < 1e9
-            and (error_code is None or type(error_code) is str)
-            and (error_message is None or type(error_message) is str)
-        ):
+    message = _parse_fast(raw)
+    return _parse_checked(raw) if message is None else message
+
+
+def parse_records(
+    raws: Iterable[Any],
+    invalid: Callable[[InvalidRecord], object],
+    skip: Container[str] = (),
+) -> list[Message]:
+    """`parse_message` over a page: the valid records in order; each invalid one goes to `invalid`.
+
+    Records whose id is in `skip` (already settled) are dropped unvalidated: nothing of them is
+    counted again. The fast path is inlined, as a call per record is a large share of the cost.
+    """
+    messages: list[Message] = []
+    append = messages.append
+    times: dict[str, float] = {}  # a page shares few distinct seconds
+    for raw in raws:
+        if type(raw) is dict:
             try:
-                created_at = parse_timestamp(created)
-            except (ValueError, OverflowError):
-                pass
+                message_id = raw["id"]
+                created = raw["created_at"]
+                direction = raw["direction"]
+                kind = raw["kind"]
+                status = raw["status"]
+                segments = raw["number_of_segments"]
+                charge = raw["charge"]
+            except KeyError:  # a field is missing: skipped if settled, else the full checks
+                message_id = raw.get("id")
+                if type(message_id) is str and message_id in skip:
+                    continue
             else:
-                return Message(
-                    message_id,
-                    created_at,
-                    direction,
-                    kind,
-                    status,
-                    error_code or "",
-                    error_message or None,
-                    segments,
-                    round(charge * NANO),
-                )
-    return _parse_checked(raw)
+                if type(message_id) is str and message_id in skip:
+                    continue
+                error_code = raw.get("error_code")
+                error_message = raw.get("error_message")
+                if (
+                    type(message_id) is str
+                    and message_id
+                    and type(direction) is str
+                    and direction
+                    and type(kind) is str
+                    and kind
+                    and type(status) is str
+                    and status
+                    and type(segments) is int
+                    and segments >= 0
+                    and type(charge) is float
+                    and 0 <= charge < 1e9
+                    and (error_code is None or type(error_code) is str)
+                    and (error_message is None or type(error_message) is str)
+                    and type(created) is str
+                ):
+                    created_at = times.get(created)
+                    if created_at is None:
+                        try:
+                            created_at = times[created] = parse_timestamp(created)
+                        except (ValueError, OverflowError):
+                            created_at = None
+                    if created_at is not None:
+                        append(
+                            _new_message(
+                                Message,
+                                (
+                                    message_id,
+                                    created_at,
+                                    direction,
+                                    kind,
+                                    status,
+                                    error_code or "",
+                                    error_message or None,
+                                    segments,
+                                    round(charge * NANO),
+                                ),
+                            )
+                        )
+                        continue
+        try:
+            append(_parse_checked(raw))
+        except InvalidRecord as exc:
+            invalid(exc)
+    return messages
+
+
+def _parse_fast(raw: Any) -> Message | None:
+    """The record when it is in the common, well-formed shape; None means: run the full checks."""
+    if type(raw) is not dict:
+        return None
+    get = raw.get
+    message_id, created, direction = get("id"), get("created_at"), get("direction")
+    kind, status, segments, charge = (
+        get("kind"),
+        get("status"),
+        get("number_of_segments"),
+        get("charge"),
+    )
+    error_code, error_message = get("error_code"), get("error_message")
+    if not (
+        type(message_id) is str
+        and message_id
+        and type(created) is str
+        and type(direction) is str
+        and direction
+        and type(kind) is str
+        and kind
+        and type(status) is str
+        and status
+        and type(segments) is int
+        and segments >= 0
+        and type(charge) is float
+        and 0 <= charge < 1e9
+        and (error_code is None or type(error_code) is str)
+        and (error_message is None or type(error_message) is str)
+    ):
+        return None
+    try:
+        created_at = parse_timestamp(created)
+    except (ValueError, OverflowError):
+        return None
+    return _new_message(
+        Message,
+        (
+            message_id,
+            created_at,
+            direction,
+            kind,
+            status,
+            error_code or "",
+            error_message or None,
+            segments,
+            round(charge * NANO),
+        ),
+    )
 
 
 def _parse_checked(raw: Any) -> Message:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 
 from exporter.config import SettleConfig
 from exporter.ledger import (
     CURSOR_SAFETY,
+    LISTING_SLACK,
     MAX_NEW_LABEL_VALUES,
+    MIDDLE_AGE_DIVISOR,
+    MIDDLE_GETS_PER_POLL,
     OTHER_ERROR_CODE,
     OTHER_LABEL_VALUE,
+    RECENT_AGE,
+    RECENT_EVERY_POLLS,
+    TIMEOUT_EVERY_POLLS,
+    Batch,
     Ledger,
     LedgerState,
     Pending,
     PollDelta,
+    PollPlan,
     Rules,
     Totals,
 )
@@ -325,8 +334,9 @@ def test_failure_ratio_over_the_window() -> None:
 
 def aged(ledger: Ledger, message_id: str, seen_ago: float, now: float) -> None:
     """Pretend `message_id` was last observed `seen_ago` seconds before `now`."""
-    pending = ledger.state.pending[message_id]
-    ledger.state.pending[message_id] = Pending(pending.message, now - seen_ago)
+    assert message_id in ledger.state.pending
+    # Through apply(), as a poll would: the ledger indexes pending messages as they change.
+    ledger.apply(PollDelta(cursor=ledger.state.cursor, pending_seen={message_id: now - seen_ago}))
 
 
 def test_recent_pending_messages_are_refreshed_together_every_few_polls() -> None:
@@ -406,3 +416,148 @@ def test_new_label_values_pass_through_up_to_a_cap() -> None:
         ("outbound-api", OTHER_LABEL_VALUE, "accepted"): 1,
         ("outbound-api", "sms", "read-later"): 1,
     }
+
+
+def reference_plan(ledger: Ledger, now: float) -> PollPlan:
+    """The refresh tiers message by message, in the most direct form: the plan must agree."""
+    state, rules = ledger.state, ledger.rules
+    interval, timeout = rules.poll_interval, rules.settle.timeout
+    horizon = state.cursor - LISTING_SLACK
+    recent: list[Pending] = []
+    timed_out: list[Pending] = []
+    middle: list[tuple[float, Pending]] = []
+    recent_due = timeout_due = False
+    for pending in state.pending.values():
+        created = pending.message.created_at
+        unseen = now - pending.observed_at
+        if created + timeout <= now:
+            timed_out.append(pending)
+            timeout_due |= created + timeout + (TIMEOUT_EVERY_POLLS - 1) * interval <= now
+        elif created >= horizon:
+            continue
+        elif created >= now - RECENT_AGE:
+            if unseen >= interval * 0.5:
+                recent.append(pending)
+            recent_due |= unseen >= (RECENT_EVERY_POLLS - 0.5) * interval
+        else:
+            wait = max((now - created) / MIDDLE_AGE_DIVISOR, RECENT_EVERY_POLLS * interval)
+            if unseen >= wait:
+                middle.append((unseen / wait, pending))
+    head_after = horizon
+    ranges: list[tuple[float, float | None]] = []
+    gets: list[str] = []
+    if recent_due and recent:
+        oldest = min(p.message.created_at for p in recent)
+        if ledger._pages(oldest, None) - ledger._pages(horizon, None) < len(recent):
+            head_after = oldest - LISTING_SLACK
+        else:
+            gets += [p.message.id for p in recent]
+    refreshed: frozenset[str] = frozenset()
+    if timeout_due and timed_out:
+        refreshed = frozenset(p.message.id for p in timed_out)
+        low = min(p.message.created_at for p in timed_out)
+        high = max(p.message.created_at for p in timed_out)
+        if high >= head_after:
+            head_after = min(head_after, low - LISTING_SLACK)
+        elif ledger._pages(low, high) < len(timed_out):
+            ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+        else:
+            gets += sorted(refreshed)
+    middle.sort(key=lambda item: item[0], reverse=True)
+    for _, pending in middle[:MIDDLE_GETS_PER_POLL] if recent_due or not recent else []:
+        created = pending.message.created_at
+        if not (created >= head_after or any(lo <= created <= (hi or now) for lo, hi in ranges)):
+            gets.append(pending.message.id)
+    return PollPlan(now, ((head_after, None), *ranges), horizon, tuple(gets), refreshed)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_plan_agrees_with_the_tiers_message_by_message(seed: int) -> None:
+    rng = random.Random(seed)
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=rng.choice([5, 50]))
+    now = T0 + 20000
+    spread = rng.choice([120.0, 900.0, 9000.0])
+    for step in range(rng.randrange(1, 8)):
+        messages = [
+            msg(
+                f"m{step}-{i}",
+                rng.choice(["sent", "queued", "delivered"]),
+                now - rng.random() * spread,
+            )
+            for i in range(rng.randrange(0, 60))
+        ]
+        poll(ledger, now - rng.random() * spread, *messages)
+        for message_id in rng.sample(sorted(ledger.state.pending), len(ledger.state.pending) // 3):
+            aged(ledger, message_id, rng.random() * spread, now)
+    for cursor in (now - 30, now - rng.random() * spread, T0):
+        ledger.state.cursor = cursor
+        for at in (now, now + rng.random() * 3000):
+            plan, expected = ledger.plan(at), reference_plan(ledger, at)
+            assert (plan.listings, plan.horizon, plan.timeout_due) == (
+                expected.listings,
+                expected.horizon,
+                expected.timeout_due,
+            )
+            # Which pending messages come in which order may differ; the set may not.
+            assert sorted(plan.get_ids) == sorted(expected.get_ids)
+
+
+def observe_one_by_one(ledger: Ledger, plan: PollPlan, seen: list[tuple[Message, float]]) -> Batch:
+    batch = ledger.begin(plan)
+    for message, at in seen:
+        batch.observe(message, at)
+    return batch
+
+
+def observe_by_page(ledger: Ledger, plan: PollPlan, seen: list[tuple[Message, float]]) -> Batch:
+    batch = ledger.begin(plan)
+    start = 0  # consecutive records observed at the same time form one page
+    while start < len(seen):
+        end = start
+        while end < len(seen) and seen[end][1] == seen[start][1]:
+            end += 1
+        batch.observe_all([m for m, _ in seen[start:end]], seen[start][1])
+        start = end
+    return batch
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_observing_a_page_at_once_equals_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    ledger = new_ledger(max_error_codes=2)
+    statuses = ["sent", "queued", "delivered", "undelivered", "failed", "received", "odd"]
+    ids = [f"i{n}" for n in range(30)]
+
+    def random_message(created_base: float) -> Message:
+        status = rng.choice(statuses)
+        return msg(
+            rng.choice(ids),
+            status,
+            created_base + rng.randrange(-200, 20),
+            direction=rng.choice(["outbound-api", "inbound"]),
+            kind=rng.choice(["sms", "mms", f"k{rng.randrange(14)}"]),
+            error_code=rng.choice(["", "", "30003", "30007", "21610"]),
+            error_message=rng.choice([None, "text a", "text b"]),
+            segments=rng.randrange(1, 4),
+            charge_nano=rng.randrange(10**7),
+        )
+
+    now = T0 + 10
+    for _ in range(6):
+        seen = []
+        at = now
+        for _ in range(rng.randrange(0, 40)):
+            at += rng.choice([0.0, 0.0, 1.0, -2.0])  # late pages too
+            seen.append((random_message(now), at))
+        plan = ledger.plan(now)
+        gone = rng.sample(sorted(ledger.state.pending), min(2, len(ledger.state.pending)))
+        batches = [observe_one_by_one(ledger, plan, seen), observe_by_page(ledger, plan, seen)]
+        for batch in batches:
+            for message_id in gone:
+                batch.gone(message_id, now)
+        closing = now + rng.choice([5.0, 200.0])
+        one, paged = (batch.close(closing, now) for batch in batches)
+        assert one == paged
+        assert batches[1].close(closing, now) == paged  # closing leaves the batch as it was
+        ledger.apply(paged)
+        now += rng.choice([10.0, 60.0, 150.0])

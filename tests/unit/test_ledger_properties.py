@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from exporter.config import SettleConfig
 from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, Rules
-from exporter.records import parse_message
+from exporter.records import InvalidRecord, parse_message, parse_records
 from exporter.simulator import Simulator, TrafficProfile, random_message_args
+from tests.unit.test_ledger import reference_plan
 
 T0 = 1_800_000_000
 TIMEOUT = 120.0
@@ -65,6 +66,9 @@ def test_totals_equal_ground_truth_for_any_interleaving(
     ledger = Ledger(RULES, copy.deepcopy(committed))
     settled_ids: list[str] = []
 
+    def invalid(exc: InvalidRecord) -> None:
+        raise AssertionError(f"the simulator's records are valid: {exc}")
+
     def run_poll(fails: bool, order_seed: int, delay: int) -> None:
         nonlocal committed
         plan = ledger.plan(now[0])
@@ -81,8 +85,12 @@ def test_totals_equal_ground_truth_for_any_interleaving(
         order = random.Random(order_seed)
         listing = visible + order.sample(visible, k=len(visible) // 3)  # duplicates
         order.shuffle(listing)
-        for m in listing:
-            batch.observe(parse_message(m.to_json(now[0], "http://sim")), now[0])
+        records = [m.to_json(now[0], "http://sim") for m in listing]
+        if order_seed % 2:  # a page at once, as the poller does, or record by record
+            batch.observe_all(parse_records(records, invalid, ledger.state.settled), now[0])
+        else:
+            for record in records:
+                batch.observe(parse_message(record), now[0])
         by_id = {m.id: m for m in sim.messages(PROJECT)}
         for message_id in (*plan.get_ids, *batch.unrefreshed_timeout_due()):
             batch.observe(parse_message(by_id[message_id].to_json(now[0], "http://sim")), now[0])
@@ -97,6 +105,10 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             key = (p.message.direction, p.message.kind, p.message.status)
             recount[key] = recount.get(key, 0) + 1
         assert ledger.pending_by_labels() == recount
+        # The plan, from the ledger's index of pending messages, agrees with the tiers in full.
+        plan, expected = ledger.plan(now[0]), reference_plan(ledger, now[0])
+        assert plan.listings == expected.listings and plan.timeout_due == expected.timeout_due
+        assert sorted(plan.get_ids) == sorted(expected.get_ids)
         assert all(c >= delta.prune_settled_before for c in ledger.state.settled.values())
         committed = copy.deepcopy(ledger.state)
 

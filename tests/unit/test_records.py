@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.records import InvalidRecord, Message, _parse_checked, parse_message
+from exporter.records import (
+    InvalidRecord,
+    Message,
+    _parse_checked,
+    parse_message,
+    parse_records,
+)
 
 T = datetime(2026, 11, 22, 5, 57, tzinfo=UTC).timestamp()
 GOOD: dict[str, Any] = {
@@ -92,3 +98,111 @@ def test_the_fast_path_agrees_with_the_full_checks(change: dict[str, Any]) -> No
     except InvalidRecord:
         fast = None
     assert fast == checked
+
+
+def parse_each(records: list[Any]) -> list[Message | tuple[str, str]]:
+    """The full checks, record by record: a Message, or the (key, reason) of the rejection."""
+    out: list[Message | tuple[str, str]] = []
+    for record in records:
+        try:
+            out.append(_parse_checked(record))
+        except InvalidRecord as exc:
+            out.append((exc.key, exc.reason))
+    return out
+
+
+def parse_page(records: list[Any], skip: set[str] | None = None) -> list[Message | tuple[str, str]]:
+    """parse_records, with the rejections reported in line with the valid records."""
+    out: list[Message | tuple[str, str]] = []
+
+    def invalid(exc: InvalidRecord) -> None:
+        out.append((exc.key, exc.reason))
+
+    for message in parse_records(records, invalid, skip or set()):
+        out.append(message)
+    return out
+
+
+@given(st.lists(st.dictionaries(st.sampled_from(sorted(GOOD)), values), max_size=6))
+def test_the_page_parser_agrees_with_the_full_checks(changes: list[dict[str, Any]]) -> None:
+    records: list[Any] = [{**GOOD, **change} for change in changes]
+    expected = parse_each(records)
+    # The page parser reports each rejection as it comes; order the valid ones the same way.
+    got = parse_page(records)
+    assert sorted(map(repr, got)) == sorted(map(repr, expected))
+    assert [m for m in got if isinstance(m, Message)] == [
+        m for m in expected if isinstance(m, Message)
+    ]
+
+
+def test_the_page_parser_rejects_what_the_full_checks_reject() -> None:
+    bad: list[Any] = [
+        ["not", "an", "object"],
+        None,
+        {**GOOD, "id": ""},
+        {**GOOD, "id": ["a", "list"]},  # unhashable: must not break the settled-id check
+        {**GOOD, "created_at": "yesterday"},
+        {**GOOD, "created_at": ""},
+        {**GOOD, "status": None},
+        {**GOOD, "direction": ""},
+        {**GOOD, "kind": 3},
+        {**GOOD, "number_of_segments": "two"},
+        {**GOOD, "number_of_segments": -1},
+        {**GOOD, "number_of_segments": True},
+        {**GOOD, "charge": "free"},
+        {**GOOD, "charge": -1.0},
+        {**GOOD, "charge": float("nan")},
+        {**GOOD, "charge": 1e12},
+        {**GOOD, "charge": True},
+        {**GOOD, "error_code": ["30007"]},
+        {**GOOD, "error_code": False},
+        {k: v for k, v in GOOD.items() if k != "charge"},
+        {k: v for k, v in GOOD.items() if k != "number_of_segments"},
+        {k: v for k, v in GOOD.items() if k != "id"},
+    ]
+    got = parse_page([*bad, GOOD], skip={"zz"})
+    assert got[-1] == parse_message(GOOD)
+    assert got[:-1] == parse_each(bad)
+    assert all(isinstance(item, tuple) and len(item) == 2 for item in got[:-1])
+
+
+def test_the_page_parser_skips_settled_ids_unvalidated() -> None:
+    broken_but_settled = {**GOOD, "id": "done", "charge": "free"}
+    other = {**GOOD, "id": "new"}
+    assert parse_page([broken_but_settled, other, GOOD], skip={"done", "a1b2"}) == [
+        parse_message(other)
+    ]
+
+
+def test_tolerated_forms_take_the_full_checks_on_a_page_too() -> None:
+    records = [
+        {**GOOD, "charge": None, "number_of_segments": None, "error_code": 30007},
+        {**GOOD, "charge": 1},
+        {**GOOD, "error_message": 5},
+        {k: v for k, v in GOOD.items() if k not in ("error_code", "error_message")},
+    ]
+    assert parse_page(records) == [parse_message(r) for r in records]
+    assert parse_page(records) == parse_each(records)
+
+
+def test_a_message_is_the_same_value_however_it_is_built() -> None:
+    fast = parse_message(GOOD)
+    assert type(fast) is Message
+    assert fast == _parse_checked(GOOD) == parse_page([GOOD])[0]
+    assert fast == Message(
+        id="a1b2",
+        created_at=T,
+        direction="outbound-api",
+        kind="sms",
+        status="delivered",
+        error_code="",
+        error_message=None,
+        segments=2,
+        charge_nano=8_300_000,
+    )
+
+
+def test_a_settled_id_is_skipped_even_when_its_record_lacks_a_field() -> None:
+    lacking = {k: v for k, v in GOOD.items() if k != "charge"}
+    assert parse_page([lacking], skip={"a1b2"}) == []
+    assert parse_page([lacking]) == parse_each([lacking])

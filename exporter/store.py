@@ -10,17 +10,34 @@ what to do; it is never silently replaced.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
+import struct
 import threading
+import time
 from pathlib import Path
+
+import structlog
 
 from exporter.ledger import LedgerState, Pending, PollDelta, Totals
 from exporter.records import Message
 
 APPLICATION_ID = 0x53574558  # "SWEX": marks the file as ours
 SCHEMA_VERSION = 1
+
+# How long opening waits for another process to release the state file's lock before refusing: a
+# process killed with its parent can hold it for a few milliseconds more, while a supervisor is
+# already starting the daemon again.
+LOCK_WAIT = 3.0
+LOCK_RETRY_INTERVAL = 0.05
+# The WAL is copied back into the database by a background checkpoint once it holds this much, so
+# that no commit pays for the copy and its fsyncs (SQLite's own default is about this size).
+CHECKPOINT_AFTER_BYTES = 4 * 2**20
+# Past this much WAL (background checkpoints failing or never completing), commits checkpoint
+# themselves, as SQLite would on its own: the WAL must never grow without bound.
+CHECKPOINT_IN_COMMIT_BYTES = 16 * CHECKPOINT_AFTER_BYTES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,12 +96,90 @@ def committed_start_point(path: str, project: str) -> float | None:
     return None if row is None else float(row[0])
 
 
-class Store:
+class _Checkpointer:
+    """Copies the WAL back into the database on its own thread and connection, so that commits do
+    not wait for it: sqlite3 releases the GIL while SQLite copies and syncs.
+
+    PASSIVE checkpoints never block the writer, and a checkpoint only moves already committed pages
+    into the database file, so durability is that of the commits themselves.
+    """
+
     def __init__(self, path: str) -> None:
+        self._path = path
+        self._wake = threading.Condition()
+        self._due = False
+        self._stopping = False
+        self._error_logged = False
+        self.passes = 0  # checkpoints run to the end, for tests to follow
+        self._thread = threading.Thread(target=self._run, name="state-checkpoint", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def request(self) -> None:
+        """Checkpoint soon; requests made while one is due count once."""
+        with self._wake:
+            self._due = True
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """Finish the checkpoint under way, if any, and end the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while True:
+                with self._wake:
+                    while not (self._due or self._stopping):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    self._due = False
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self._path, isolation_level=None)
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.passes += 1
+                except Exception as exc:  # the commits' own fallback keeps the WAL bounded
+                    self.log_error("background checkpoint failed", exc)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception as exc:
+                    self.log_error("background checkpoint failed", exc)
+
+    def log_error(self, event: str, exc: BaseException) -> None:
+        """Log the first failure only: a failing disk would otherwise log at every poll."""
+        if not self._error_logged:
+            self._error_logged = True
+            structlog.get_logger().warning(event, state_path=self._path, error=str(exc))
+
+
+class Store:
+    def __init__(
+        self,
+        path: str,
+        *,
+        lock_wait: float = LOCK_WAIT,
+        checkpoint_after: int = CHECKPOINT_AFTER_BYTES,
+        checkpoint_in_commit: int = CHECKPOINT_IN_COMMIT_BYTES,
+    ) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._lock_fd = -1
+        self._lock_wait = lock_wait
+        self._shm_path = f"{path}-shm"
+        self._checkpoint_after = checkpoint_after
+        self._checkpoint_in_commit = checkpoint_in_commit
         self._conn = self._open()
+        self._checkpointer: _Checkpointer | None = _Checkpointer(path)
 
     def _refuse(self, why: str) -> StateError:
         return StateError(
@@ -105,14 +200,12 @@ class Store:
                 f"state file {self.path}: {doing}: {exc.strerror}; make the file and its "
                 "directory writable by this user, or set state_path elsewhere"
             ) from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock_fd)
+        if not self._take_lock():
+            self._release()
             raise StateError(
                 f"state file {self.path}: in use by another signalwire-exporter process; "
                 "give each instance its own state_path"
-            ) from None
+            )
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -129,6 +222,19 @@ class Store:
             self._release()
             raise
         return conn
+
+    def _take_lock(self) -> bool:
+        """Lock the state file, waiting up to lock_wait for a process that is going away."""
+        deadline = time.monotonic() + self._lock_wait
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                left = deadline - time.monotonic()
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or left <= 0:
+                    return False
+                time.sleep(min(LOCK_RETRY_INTERVAL, left))
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Check that the file is ours (or empty), then create the schema, all or nothing.
@@ -153,6 +259,12 @@ class Store:
         # loss can take back the latest polls, and then the state is still a consistent earlier
         # commit whose polls are simply redone. FULL would fsync on every poll (tens of ms).
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoints run on the checkpointer's thread, not inside a commit (see _after_write).
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        # A WAL file that keeps its size is rewritten in place: growing it again after each cut
+        # would allocate blocks inside commits, which waits on the filesystem's journal. It is
+        # cut back only after growing past the point where commits checkpoint themselves.
+        conn.execute(f"PRAGMA journal_size_limit={self._checkpoint_in_commit}")
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -169,9 +281,56 @@ class Store:
             self._lock_fd = -1
 
     def close(self) -> None:
+        """Stop the checkpointer, copy the whole WAL into the database, and release the file."""
         with self._lock:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None:
+                checkpointer.stop()
+                try:
+                    # TRUNCATE leaves an empty WAL even if another process keeps the file open.
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                except sqlite3.Error as exc:  # nothing is lost: the WAL is replayed on opening
+                    checkpointer.log_error("checkpoint on close failed", exc)
             self._conn.close()
             self._release()
+
+    def _after_write(self) -> None:
+        """After a committed write: have the WAL checkpointed once it has grown past the mark.
+
+        Never raises: the write is committed, and reporting it as failed would have the poll
+        counted again.
+        """
+        size = self._wal_bytes()
+        if size <= self._checkpoint_after:
+            return
+        checkpointer = self._checkpointer
+        if checkpointer is not None and checkpointer.alive and size <= self._checkpoint_in_commit:
+            checkpointer.request()
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            if checkpointer is not None:
+                checkpointer.log_error("checkpoint failed", exc)
+
+    def _wal_bytes(self) -> int:
+        """How much of the WAL is in use: the file keeps its size when the WAL starts afresh, so
+        the count of frames is read from the wal-index header (mxFrame and the page size, in
+        native byte order, https://sqlite.org/walformat.html). Failing that, the file's size:
+        never less than what is in use, so the WAL stays bounded either way."""
+        try:
+            with open(self._shm_path, "rb") as shm:
+                header = shm.read(24)
+        except OSError:
+            header = b""
+        if len(header) < 24:
+            try:
+                return os.stat(f"{self.path}-wal").st_size
+            except OSError:
+                return 0
+        page_size, frames = struct.unpack_from("=HI", header, 14)
+        page_size = 65536 if page_size == 1 else page_size
+        return int(frames) * (int(page_size) + 24)
 
     def load(self, project: str, now: float, start_from: float) -> LedgerState:
         """A project's committed state; on its first start, its start point is recorded at once."""
@@ -235,6 +394,7 @@ class Store:
                 self._commit(project, delta)
             except sqlite3.Error as exc:
                 raise CommitError(f"cannot write state file {self.path}: {exc}") from None
+            self._after_write()
 
     def seed(self, project: str, start_point: float, delta: PollDelta) -> None:
         """Record a project that has never run, with history already counted (a backfill).
@@ -257,6 +417,7 @@ class Store:
                     self._write(c, project, delta)
             except sqlite3.Error as exc:
                 raise CommitError(f"cannot write state file {self.path}: {exc}") from None
+            self._after_write()
 
     def _commit(self, project: str, delta: PollDelta) -> None:
         c = self._conn

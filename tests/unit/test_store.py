@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +20,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from exporter.config import SettleConfig
 from exporter.ledger import Ledger, LedgerState, Pending, PollDelta, Rules, Totals
 from exporter.records import Message
-from exporter.store import APPLICATION_ID, CommitError, StateError, Store
+from exporter.store import APPLICATION_ID, LOCK_WAIT, CommitError, StateError, Store
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = 1_790_000_000.0
@@ -449,7 +454,7 @@ def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
 def test_second_store_on_the_same_path_is_refused_while_the_first_is_open(path: str) -> None:
     first = Store(path)
     with pytest.raises(StateError, match="in use") as info:
-        Store(path)
+        Store(path, lock_wait=0.1)
     assert path in str(info.value)
     # The refusal did not disturb the first store.
     first.load("production", NOW, 0.0)
@@ -458,6 +463,104 @@ def test_second_store_on_the_same_path_is_refused_while_the_first_is_open(path: 
     second = Store(path)
     assert second.load("production", NOW, 0.0).cursor == NOW + 1
     second.close()
+
+
+def hold_lock(path: str) -> int:
+    """Take the state file's lock as another process would (flock locks are per open file)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+@pytest.fixture
+def refusals(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each attempt to take a lock was refused; the list is also a condition to wait on."""
+    refused: list[float] = []
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        try:
+            real_flock(fd, operation)
+        except BlockingIOError:
+            refused.append(time.monotonic())
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    return refused
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_released_by_a_killed_process_while_opening_is_taken(
+    path: str, refusals: list[float]
+) -> None:
+    # A dying child of the previous daemon still holds the lock when the new one opens the file.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, f"{path}.lock"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+
+        def kill_once_refused() -> None:
+            wait_for(lambda: bool(refusals), what="a refused attempt")
+            holder.send_signal(signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_once_refused)
+        killer.start()
+        began = time.monotonic()
+        s = Store(path, lock_wait=30.0)
+        waited = time.monotonic() - began
+        killer.join()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert refusals, "the lock was free from the start"
+    assert waited < 10.0
+    s.load("production", NOW, 0.0)
+    s.close()
+
+
+def test_a_lock_released_by_a_thread_while_opening_is_taken(
+    path: str, refusals: list[float]
+) -> None:
+    fd = hold_lock(path)
+
+    def release_once_refused() -> None:
+        wait_for(lambda: bool(refusals), what="a refused attempt")
+        os.close(fd)
+
+    releaser = threading.Thread(target=release_once_refused)
+    releaser.start()
+    s = Store(path, lock_wait=30.0)
+    releaser.join()
+    assert refusals
+    s.close()
+
+
+def test_a_lock_held_throughout_is_refused_after_the_wait(path: str, refusals: list[float]) -> None:
+    assert 2.0 <= LOCK_WAIT <= 5.0  # a few seconds by default
+    fd = hold_lock(path)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StateError, match="in use by another") as info:
+            Store(path, lock_wait=0.3)
+        waited = time.monotonic() - began
+    finally:
+        os.close(fd)
+    assert path in str(info.value)
+    assert 0.3 <= waited < 5.0
+    # Retried at short intervals, not once, and not in a busy loop.
+    assert 3 <= len(refusals) <= 20
+    assert not Path(path).exists(), "nothing is written to a file that is in use"
+    Store(path).close()  # once released, the file opens at once
 
 
 def test_directory_as_path_is_refused(tmp_path: Path) -> None:
@@ -525,7 +628,7 @@ def test_kill_9_in_the_middle_of_commits_never_shows_half_a_delta(path: str) -> 
             assert int(ready[1]) >= last_reported
             # While the writer runs, its state file is locked against a second instance.
             with pytest.raises(StateError, match="in use"):
-                Store(path)
+                Store(path, lock_wait=0.1)
             target = int(ready[1]) + rng.randint(5, 150)
             reported = int(ready[1])
             while reported < target:
@@ -545,3 +648,113 @@ def test_kill_9_in_the_middle_of_commits_never_shows_half_a_delta(path: str) -> 
         assert state.settled == {f"s{i}": float(i) for i in range(max(1, n - 20), n + 1)}
         assert sum(s for s, _ in state.window.values()) == min(n, 21)
         assert max(k[0] for k in state.window) == n
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def busy_delta(n: int, size: int = 200) -> PollDelta:
+    """A poll that settles `size` messages and leaves `size` pending: enough to grow the WAL."""
+    at = NOW + n
+    return PollDelta(
+        cursor=at,
+        settled_ids={f"s{n}-{i:04d}-{'x' * 24}": at for i in range(size)},
+        totals={KEY: Totals(size, size, size)},
+        pending_upserts={
+            f"p{n}-{i:04d}-{'y' * 24}": Pending(message(f"p{n}-{i:04d}-{'y' * 24}", at), at)
+            for i in range(size)
+        },
+        pending_removed={f"p{n - 1}-{i:04d}-{'y' * 24}" for i in range(size)},
+        prune_settled_before=at - 1,
+    )
+
+
+def wal_size(path: str) -> int:
+    wal = Path(f"{path}-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_the_wal_in_use_is_read_from_the_wal_index(store: Store, path: str) -> None:
+    store.load("production", NOW, 0.0)
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    checkpointer.stop()  # nothing else checkpoints while the WAL grows
+    for n in range(1, 6):
+        before = store._wal_bytes()
+        store.commit("production", busy_delta(n, 50))
+        # Until the WAL starts afresh, it grows at the end of the file (after a 32-byte header).
+        assert store._wal_bytes() == wal_size(path) - 32 > before
+
+
+def growths(sizes: list[int]) -> list[int]:
+    """How much the WAL grew at each commit that did not start it afresh."""
+    return [b - a for a, b in itertools.pairwise(sizes) if b > a]
+
+
+def restarts(sizes: list[int]) -> int:
+    """How many times the WAL was started afresh after a complete checkpoint."""
+    return sum(b < a for a, b in itertools.pairwise(sizes))
+
+
+def test_background_checkpoints_keep_the_wal_bounded_and_close_empties_it(path: str) -> None:
+    mark = 512 * 1024  # a few commits' worth
+    # The commits' own fallback is out of reach here: only the checkpointer keeps the WAL small.
+    s = Store(path, checkpoint_after=mark, checkpoint_in_commit=2**40)
+    s.load("production", NOW, 0.0)
+    checkpointer = s._checkpointer
+    assert checkpointer is not None
+    sizes = []
+    for n in range(1, 301):
+        passes = checkpointer.passes
+        s.commit("production", busy_delta(n))
+        sizes.append(s._wal_bytes())
+        if sizes[-1] > mark:
+            # As between two polls: the checkpoint has the time to finish before the next commit.
+            wait_for(lambda before=passes: checkpointer.passes > before, what="a checkpoint")
+    assert restarts(sizes) >= 20, "the WAL was not started afresh over and over"
+    assert max(sizes) <= mark + 2 * max(growths(sizes)), "the WAL outgrew the checkpoints"
+    thread = checkpointer._thread
+    s.close()
+    assert not thread.is_alive()
+    assert wal_size(path) == 0
+    # Everything is in the database file itself: a copy of it alone has the last commit.
+    alone = Path(path).with_name("alone.db")
+    shutil.copy(path, alone)
+    conn = sqlite3.connect(alone)
+    assert conn.execute("SELECT cursor FROM project").fetchone()[0] == NOW + 300
+    conn.close()
+    assert reopened(path).totals == {KEY: Totals(300 * 200, 300 * 200, 300 * 200)}
+
+
+def test_commits_checkpoint_themselves_when_the_checkpointer_fails(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mark, limit = 128 * 1024, 512 * 1024
+    s = Store(path, checkpoint_after=mark, checkpoint_in_commit=limit)
+    s.load("production", NOW, 0.0)
+
+    def broken(*_: object, **__: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    # The checkpointer opens its connection at its first checkpoint, which now fails.
+    monkeypatch.setattr(sqlite3, "connect", broken)
+    checkpointer = s._checkpointer
+    assert checkpointer is not None
+    with capture_logs() as logs:
+        sizes = []
+        for n in range(1, 201):
+            s.commit("production", busy_delta(n, 100))
+            sizes.append(s._wal_bytes())
+        wait_for(lambda: bool(logs), what="the failure logged")
+    assert restarts(sizes) >= 5
+    assert max(sizes) <= limit + 2 * max(growths(sizes))
+    assert checkpointer.passes == 0
+    assert checkpointer.alive, "a failing checkpoint does not end the thread"
+    failures = [e for e in logs if e["event"] == "background checkpoint failed"]
+    assert len(failures) == 1, logs  # once, not at every poll
+    assert failures[0]["log_level"] == "warning"
+    assert "disk I/O error" in failures[0]["error"]
+    monkeypatch.undo()
+    s.close()
+    assert wal_size(path) == 0
+    assert reopened(path).cursor == NOW + 200

@@ -36,6 +36,8 @@ from exporter.store import StateError, Store
 
 _HEADER = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1
+# Run as `python -c`: under -m the pickled classes would belong to __main__, not this module.
+WORKER_COMMAND = "from exporter.worker import main; raise SystemExit(main())"
 WORKER_NICENESS = 5
 # How long a stopping worker may take to abandon its polls and close the state before it is killed.
 STOP_TIMEOUT = 30.0
@@ -113,7 +115,7 @@ class PollingProcess:
         read_end, write_end = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from exporter.worker import main; exit(main())"],
+                [sys.executable, "-c", WORKER_COMMAND],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_end,),
             )

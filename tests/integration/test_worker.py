@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from exporter.simulator import Simulator, SimulatorServer, TrafficGenerator, TrafficProfile
+from exporter.worker import WORKER_COMMAND
 from tests.helpers import ROOT, Daemon, alive, process_family, select, wait_for, write_config
 
 PROJECT_ID, TOKEN = "33333333-cccc", "PTworker-token"
@@ -98,7 +99,7 @@ def test_a_dead_polling_process_stops_the_daemon_with_one_clear_line(
 
 def test_the_worker_entry_alone_says_what_it_is() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "from exporter.worker import main; exit(main())"],
+        [sys.executable, "-c", WORKER_COMMAND],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -33,7 +33,8 @@ class Exporter:
         self.web = web
         self.listen = listen or config.listen_address
         self.counters = Counters()
-        self.views = [ProjectStatus(p.name) for p in config.projects]
+        # Each project's view as the polling process last sent it; none before it has loaded.
+        self.views: list[ProjectStatus | None] = [None] * len(config.projects)
         self.loaded = False
         self.server: ExporterServer | None = None
         self.worker: PollingProcess | None = None
@@ -42,10 +43,16 @@ class Exporter:
             redact(project.api_token)
 
     def statuses(self) -> list[ProjectStatus]:
-        return list(self.views)
+        return [view for view in self.views if view is not None]
 
     def ready(self) -> bool:
-        return self.loaded and all(view.polled for view in self.views)
+        worker = self.worker
+        return (
+            self.loaded
+            and worker is not None
+            and not worker.gone.is_set()
+            and all(view is not None and view.polled for view in self.views)
+        )
 
     def _on_status(self, index: int, status: ProjectStatus) -> None:
         self.views[index] = status

@@ -198,6 +198,10 @@ class ProjectPoller:
         started = self.clock()
         try:
             delta = self._collect(started)
+            if self.stop.is_set():
+                # Stopping while the last answer came in: the poll is abandoned uncommitted, as
+                # the README promises; the next start redoes it.
+                raise Stopped("stopping")
             self.store.commit(self.project.name, delta)
         except AuthError as exc:
             self._auth_failures += 1

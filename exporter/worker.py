@@ -8,7 +8,7 @@ the child sends: a scrape only competes with the thread that receives them.
 The pipe carries length-prefixed pickles between the daemon and its own child:
   daemon -> worker (stdin): one WorkerSetup; end of file then means "stop".
   worker -> daemon (channel_fd): ("status", index, ProjectStatus), ("counters", CounterState),
-                                 ("loaded",), ("fatal", "state" | "other", message).
+                                 ("alive",), ("loaded",), ("fatal", "state" | "other", message).
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -36,11 +38,31 @@ from exporter.store import StateError, Store
 
 _HEADER = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1
-# Run as `python -c`: under -m the pickled classes would belong to __main__, not this module.
-WORKER_COMMAND = "from exporter.worker import main; raise SystemExit(main())"
 WORKER_NICENESS = 5
-# How long a stopping worker may take to abandon its polls and close the state before it is killed.
-STOP_TIMEOUT = 30.0
+# How long a stopping worker may take to abandon its polls and close the state before it is
+# killed: within systemd's and Kubernetes' usual grace periods.
+STOP_TIMEOUT = 20.0
+# The worker says it is alive every second, polls or not; this long without a word, it is hung.
+HEARTBEAT_TIMEOUT = 60.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def worker_command(root: str = _PACKAGE_ROOT) -> list[str]:
+    """The worker's command line: this interpreter with its isolation flags, -P so that the
+    working directory cannot shadow a module, and this very copy of the package. The leading
+    comment names it in ps and pgrep -f. Signals are ignored until main() takes them over, as the
+    daemon decides when its worker stops. Run as -c, not -m: under -m the pickled classes would
+    belong to __main__."""
+    flags = ["-I"] if sys.flags.isolated else ["-E"] * sys.flags.ignore_environment
+    flags += ["-s"] * (sys.flags.no_user_site and not sys.flags.isolated)
+    code = (
+        "# signalwire-exporter polling process\n"
+        "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"import sys; sys.path.insert(0, {root!r})\n"
+        "from exporter.worker import main; raise SystemExit(main())"
+    )
+    return [sys.executable, *flags, "-P", "-c", code]
 
 
 class WorkerError(Exception):
@@ -56,22 +78,31 @@ class WorkerSetup:
     parent_pid: int
 
 
-def write_frame(stream: IO[bytes], item: object) -> None:
+def write_frame(fd: int, item: object) -> None:
     data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)) + data)
-    stream.flush()
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
-def read_frame(stream: IO[bytes]) -> Any:
-    """The next item; EOFError when the other side has gone."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError
-    (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError
-    return pickle.loads(data)
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> Any:
+    """The next item from a pipe's file descriptor; EOFError when the other side has gone.
+
+    Plain os.read, not a buffered reader: a daemon thread still blocked in it when the
+    interpreter exits holds no lock that the exit needs."""
+    (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
+    return pickle.loads(_read_exactly(fd, size))
 
 
 def describe_exit(code: int) -> str:
@@ -93,16 +124,20 @@ class PollingProcess:
         on_counters: Callable[[CounterState], None],
         log_level: str,
         log_format: str,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.on_status = on_status
         self.on_counters = on_counters
         self.log_level = log_level
         self.log_format = log_format
+        self.clock = clock
         self.proc: subprocess.Popen[bytes] | None = None
-        self.channel: IO[bytes] | None = None
+        self.channel = -1
         self.gone = threading.Event()
         self.stopping = False
+        self.last_heard = clock()
+        self.reason: str | None = None  # why the worker ended, when it said or we saw
         self._receiver: threading.Thread | None = None
 
     @property
@@ -114,35 +149,36 @@ class PollingProcess:
         WorkerError)."""
         read_end, write_end = os.pipe()
         try:
+            # A process group of its own: a terminal's Ctrl-C reaches the daemon only, which
+            # then stops its worker.
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER_COMMAND],
-                stdin=subprocess.PIPE,
-                pass_fds=(write_end,),
+                worker_command(), stdin=subprocess.PIPE, pass_fds=(write_end,), process_group=0
             )
         except OSError as exc:
             os.close(read_end)
             raise WorkerError(f"cannot start the polling process: {exc}") from None
         finally:
             os.close(write_end)
-        self.channel = os.fdopen(read_end, "rb")
+        self.channel = read_end
         assert self.proc.stdin is not None
         setup = WorkerSetup(self.config, self.log_level, self.log_format, write_end, os.getpid())
         with contextlib.suppress(OSError):  # it died at once: reported below from its exit status
-            write_frame(self.proc.stdin, setup)
+            write_frame(self.proc.stdin.fileno(), setup)
         while True:
             try:
                 item = read_frame(self.channel)
-            except EOFError:
-                code = self.proc.wait()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                code = self._end()
                 raise WorkerError(
                     f"the polling process ended before loading the state ({describe_exit(code)})"
                 ) from None
             if item[0] == "loaded":
                 break
             if item[0] == "fatal":
-                self.proc.wait()
+                self._end()
                 raise (StateError if item[1] == "state" else WorkerError)(item[2])
             self._dispatch(item)
+        self.last_heard = self.clock()
         self._receiver = threading.Thread(target=self._receive, name="worker-views", daemon=True)
         self._receiver.start()
 
@@ -151,22 +187,41 @@ class PollingProcess:
             self.on_status(item[1], item[2])
         elif item[0] == "counters":
             self.on_counters(item[1])
+        elif item[0] == "fatal":
+            self.reason = item[2]
 
     def _receive(self) -> None:
-        assert self.channel is not None
         try:
             while True:
-                self._dispatch(read_frame(self.channel))
-        except (EOFError, OSError, pickle.UnpicklingError):
+                item = read_frame(self.channel)
+                self.last_heard = self.clock()
+                self._dispatch(item)
+        except (EOFError, OSError):
             pass
+        except Exception as exc:  # a garbled pipe: the worker cannot be trusted any more
+            self.reason = f"the polling process sent something unreadable ({exc!r})"
         self.gone.set()
 
     def failure(self) -> str | None:
         """Why polling stopped for good while it should be running, or None."""
-        if not self.gone.is_set() or self.stopping or self.proc is None:
+        if self.stopping or self.proc is None:
             return None
-        code = self.proc.wait()
+        if not self.gone.is_set():
+            silent = self.clock() - self.last_heard
+            if silent <= HEARTBEAT_TIMEOUT:
+                return None
+            self.reason = f"the polling process has not answered for {silent:.0f} s"
+        code = self._end()
+        if self.reason is not None:
+            return f"{self.reason} ({describe_exit(code)})"
         return f"the polling process stopped unexpectedly ({describe_exit(code)})"
+
+    def _end(self) -> int:
+        """The worker's exit status, killing it first if it is still there."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait()
 
     def stop(self) -> None:
         """Ask the worker to stop (end of its stdin), wait for it, and kill it if it hangs."""
@@ -180,19 +235,24 @@ class PollingProcess:
         try:
             proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
+            structlog.get_logger().warning(
+                "polling process killed", reason=f"still running {STOP_TIMEOUT:.0f} s after stop"
+            )
             proc.kill()
             proc.wait()
         if self._receiver is not None:
             self._receiver.join(timeout=5)
-        if self.channel is not None:
-            self.channel.close()
+        if self.channel >= 0:
+            os.close(self.channel)
+            self.channel = -1
 
 
 # ----------------------------------------------------------------------------- the worker's side
 class _Publisher:
-    """Sends each project's latest view, and the counters when they change, to the daemon."""
+    """Sends each project's latest view, and the counters when they change, to the daemon; and
+    at least once a second a word that it is alive."""
 
-    def __init__(self, channel: IO[bytes], counters: Counters, stop: threading.Event) -> None:
+    def __init__(self, channel: int, counters: Counters, stop: threading.Event) -> None:
         self.channel = channel
         self.counters = counters
         self.stop = stop
@@ -208,18 +268,17 @@ class _Publisher:
         self.wake.set()
 
     def run(self) -> None:
-        # Counters move during long polls too: send them at least every second.
         while True:
             self.wake.wait(1.0)
             self.wake.clear()
             closing = self.closing
-            if not self.flush():
+            if not self.flush(heartbeat=True):
                 self.stop.set()  # the daemon has gone
                 return
             if closing:
                 return
 
-    def flush(self) -> bool:
+    def flush(self, heartbeat: bool = False) -> bool:
         with self.lock:
             latest, self.latest = self.latest, {}
         counters = self.counters.state()
@@ -229,6 +288,8 @@ class _Publisher:
             if counters != self.sent_counters:
                 write_frame(self.channel, ("counters", counters))
                 self.sent_counters = counters
+            elif heartbeat and not latest:
+                write_frame(self.channel, ("alive",))
         except OSError:
             return False
         return True
@@ -245,7 +306,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _watch_stdin(stop: threading.Event) -> None:
     with contextlib.suppress(OSError):
-        while sys.stdin.buffer.read(4096):
+        while os.read(0, 4096):
             pass
     stop.set()
 
@@ -256,8 +317,8 @@ def main() -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        setup = read_frame(sys.stdin.buffer)
-    except (EOFError, pickle.UnpicklingError):
+        setup = read_frame(0)
+    except (EOFError, OSError, pickle.UnpicklingError):
         print("the polling process is started by signalwire-exporter itself", file=sys.stderr)
         return 2
     assert isinstance(setup, WorkerSetup)
@@ -270,7 +331,7 @@ def main() -> int:
     config = setup.config
     for project in config.projects:
         redact(project.api_token)
-    channel = os.fdopen(setup.channel_fd, "wb")
+    channel = setup.channel_fd
     try:
         return _serve(config, channel, stop)
     except StateError as exc:
@@ -284,7 +345,7 @@ def main() -> int:
         return 1
 
 
-def _serve(config: Config, channel: IO[bytes], stop: threading.Event) -> int:
+def _serve(config: Config, channel: int, stop: threading.Event) -> int:
     counters = Counters()
     publisher = _Publisher(channel, counters, stop)
     store = Store(config.state_path)

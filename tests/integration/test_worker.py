@@ -10,10 +10,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
+from exporter.config import Config, ProjectConfig, SettleConfig
+from exporter.poller import CounterState, ProjectStatus
 from exporter.simulator import Simulator, SimulatorServer, TrafficGenerator, TrafficProfile
-from exporter.worker import WORKER_COMMAND
-from tests.helpers import ROOT, Daemon, alive, process_family, select, wait_for, write_config
+from exporter.worker import HEARTBEAT_TIMEOUT, PollingProcess, worker_command
+from tests.helpers import (
+    ROOT,
+    Daemon,
+    alive,
+    free_port,
+    process_family,
+    select,
+    wait_for,
+    write_config,
+)
 
 PROJECT_ID, TOKEN = "33333333-cccc", "PTworker-token"
 
@@ -99,7 +111,7 @@ def test_a_dead_polling_process_stops_the_daemon_with_one_clear_line(
 
 def test_the_worker_entry_alone_says_what_it_is() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", WORKER_COMMAND],
+        worker_command(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -108,3 +120,116 @@ def test_the_worker_entry_alone_says_what_it_is() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "the polling process is started by signalwire-exporter itself"
+
+
+def test_sigterm_to_the_polling_process_alone_stops_the_daemon_cleanly_worded(
+    tmp_path: Path, base_url: str
+) -> None:
+    daemon, worker = started(tmp_path, base_url)
+    assert daemon.proc is not None
+    os.kill(worker, signal.SIGTERM)
+    code = daemon.proc.wait(timeout=20)
+    log = daemon.log()
+    assert code == 1, log
+    assert "Fatal Python error" not in log and "Traceback" not in log, log
+    plain = [line for line in log.splitlines() if line and not line.startswith("ts=")]
+    assert plain == [
+        "signalwire-exporter: the polling process stopped unexpectedly (exit status 0)"
+    ], log
+
+
+def test_ctrl_c_while_the_polling_process_starts_is_a_clean_stop(
+    tmp_path: Path, base_url: str
+) -> None:
+    config = write_config(
+        tmp_path / "config.yaml",
+        [{"name": "main", "space": base_url, "project_id": PROJECT_ID, "api_token": TOKEN}],
+        state_path="state/exporter.db",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "--config.file", str(config),
+         "--web.listen-address", "127.0.0.1:0"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        # As soon as the polling process exists, a terminal's Ctrl-C (to the foreground group).
+        wait_for(lambda: len(process_family(proc.pid)) == 2, 20, "the polling process started")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+
+
+def test_the_working_directory_cannot_shadow_the_polling_process_modules(
+    tmp_path: Path, base_url: str
+) -> None:
+    # The installed command, unlike `python -m`, keeps the working directory off sys.path: so
+    # must the polling process it starts.
+    command = Path(sys.executable).parent / "signalwire-exporter"
+    if not command.exists():
+        pytest.skip("the signalwire-exporter command is not installed beside this interpreter")
+    (tmp_path / "ctypes.py").write_text("raise SystemExit('shadowed ctypes')\n")
+    (tmp_path / "exporter").mkdir()
+    (tmp_path / "exporter" / "__init__.py").write_text("raise SystemExit('shadowed exporter')\n")
+    config = write_config(
+        tmp_path / "config.yaml",
+        [{"name": "main", "space": base_url, "project_id": PROJECT_ID, "api_token": TOKEN}],
+        state_path="state/exporter.db",
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(command), "--config.file", str(config), "--web.listen-address", f"127.0.0.1:{port}"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(
+            lambda: requests.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).ok,
+            30,
+            "the daemon ready",
+        )
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "shadowed" not in text, text
+
+
+def test_a_silent_polling_process_is_given_up(tmp_path: Path, base_url: str) -> None:
+    config = Config(
+        projects=(ProjectConfig("main", base_url, PROJECT_ID, TOKEN),),
+        poll_interval=1.0,
+        state_path=str(tmp_path / "state.db"),
+        settle=SettleConfig(timeout=5.0),
+        source="<test>",
+    )
+    now = [0.0]
+    views: list[ProjectStatus] = []
+    counters: list[CounterState] = []
+    worker = PollingProcess(
+        config, lambda _, v: views.append(v), counters.append, "warning", "logfmt", lambda: now[0]
+    )
+    worker.start()
+    try:
+        assert views and views[-1].name == "main"
+        assert worker.failure() is None
+        os.kill(worker.pid or 0, signal.SIGSTOP)  # hung: says nothing more
+        now[0] += HEARTBEAT_TIMEOUT + 1
+        reason = worker.failure()
+        assert reason == (
+            f"the polling process has not answered for {HEARTBEAT_TIMEOUT + 1:.0f} s "
+            "(killed by SIGKILL)"
+        )
+        assert worker.pid is not None and not alive(worker.pid)
+    finally:
+        worker.stop()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from exporter.client import Stopped
 from exporter.config import Config, ProjectConfig, SettleConfig
+from exporter.ledger import PollDelta
 from exporter.poller import Counters, ProjectPoller
 from exporter.simulator import Simulator, SimulatorServer, Step
 from exporter.store import Store
@@ -156,3 +158,26 @@ def test_beyond_the_history_limit_it_lists_what_is_left_instead_of_failing(
     refusals = counters.snapshot()[0][("prod", "422")]
     assert poller.poll_once()
     assert counters.snapshot()[0][("prod", "422")] == refusals
+
+
+def test_a_poll_whose_answers_arrive_after_stop_is_abandoned_uncommitted(
+    api: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    simulator, base_url = api
+    for _ in range(5):
+        add(simulator)
+    poller, _ = make_poller(tmp_path, base_url)
+    commits: list[object] = []
+    poller.store.commit = lambda project, delta: commits.append(delta)  # type: ignore[method-assign]
+    collect = poller._collect
+
+    def collect_then_stop(started: float) -> PollDelta:
+        delta = collect(started)  # the last answer is in...
+        poller.stop.set()  # ...when the stop comes
+        return delta
+
+    poller._collect = collect_then_stop  # type: ignore[method-assign]
+    with pytest.raises(Stopped):
+        poller.poll_once()
+    assert commits == [], "nothing of the abandoned poll is written"
+    assert not poller.status.polled and poller.status.totals == {}

@@ -88,8 +88,11 @@ def parse_message(raw: Any) -> Message:
     The common case (every field present with its usual type) takes the fast path; anything else
     goes through the full checks, which say exactly what is wrong.
     """
-    message = _parse_fast(raw)
-    return _parse_checked(raw) if message is None else message
+    return parse_records((raw,), _raise)[0]
+
+
+def _raise(error: InvalidRecord) -> None:
+    raise error
 
 
 def parse_records(
@@ -170,57 +173,6 @@ def parse_records(
         except InvalidRecord as exc:
             invalid(exc)
     return messages
-
-
-def _parse_fast(raw: Any) -> Message | None:
-    """The record when it is in the common, well-formed shape; None means: run the full checks."""
-    if type(raw) is not dict:
-        return None
-    get = raw.get
-    message_id, created, direction = get("id"), get("created_at"), get("direction")
-    kind, status, segments, charge = (
-        get("kind"),
-        get("status"),
-        get("number_of_segments"),
-        get("charge"),
-    )
-    error_code, error_message = get("error_code"), get("error_message")
-    if not (
-        type(message_id) is str
-        and message_id
-        and type(created) is str
-        and type(direction) is str
-        and direction
-        and type(kind) is str
-        and kind
-        and type(status) is str
-        and status
-        and type(segments) is int
-        and segments >= 0
-        and type(charge) is float
-        and 0 <= charge < 1e9
-        and (error_code is None or type(error_code) is str)
-        and (error_message is None or type(error_message) is str)
-    ):
-        return None
-    try:
-        created_at = parse_timestamp(created)
-    except (ValueError, OverflowError):
-        return None
-    return _new_message(
-        Message,
-        (
-            message_id,
-            created_at,
-            direction,
-            kind,
-            status,
-            error_code or "",
-            error_message or None,
-            segments,
-            round(charge * NANO),
-        ),
-    )
 
 
 def _parse_checked(raw: Any) -> Message:

@@ -63,14 +63,14 @@ class ExporterCollector(Collector):
         yield info
 
     def _process_counters(self, statuses: Iterable[ProjectStatus]) -> Iterator[Metric]:
-        requests, invalid = self.counters.snapshot()
+        counts = self.counters.state()
         api = CounterMetricFamily(
             "signalwire_api_requests",
             'Requests to SignalWire\'s API by HTTP status; code="error" for timeouts and '
             "connection failures.",
             labels=["project", "code"],
         )
-        for (project, code), value in sorted(requests.items()):
+        for (project, code), value in sorted(counts.api_requests.items()):
             api.add_metric([project, code], value)
         yield api
         bad = CounterMetricFamily(
@@ -79,7 +79,7 @@ class ExporterCollector(Collector):
             labels=["project"],
         )
         for status in statuses:
-            bad.add_metric([status.name], invalid.get(status.name, 0))
+            bad.add_metric([status.name], counts.invalid_records.get(status.name, 0))
         yield bad
         errors = CounterMetricFamily(
             "signalwire_poll_errors",
@@ -87,7 +87,7 @@ class ExporterCollector(Collector):
             "state (the state file could not be written), internal.",
             labels=["project", "reason"],
         )
-        for (project, reason), value in sorted(self.counters.poll_errors_snapshot().items()):
+        for (project, reason), value in sorted(counts.poll_errors.items()):
             errors.add_metric([project, reason], value)
         yield errors
 

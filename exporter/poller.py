@@ -68,15 +68,8 @@ class Counters:
             key = (project, reason)
             self.poll_errors[key] = self.poll_errors.get(key, 0) + 1
 
-    def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
-        with self._lock:
-            return dict(self.api_requests), dict(self.invalid_records)
-
-    def poll_errors_snapshot(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            return dict(self.poll_errors)
-
     def state(self) -> CounterState:
+        """A consistent copy of all three counts."""
         with self._lock:
             return CounterState(
                 dict(self.api_requests), dict(self.invalid_records), dict(self.poll_errors)

@@ -74,7 +74,7 @@ def test_a_poll_counts_and_publishes(api: tuple[Simulator, str], tmp_path: Path)
     assert status.up and status.polled and status.last_error is None
     assert status.totals[("outbound-api", "sms", "delivered", "")].messages == 5
     assert status.pending == {("outbound-api", "sms", "sent"): 1}
-    assert counters.snapshot()[0][("prod", "200")] >= 3  # 6 records, 2 per page
+    assert counters.state().api_requests[("prod", "200")] >= 3  # 6 records, 2 per page
 
 
 def test_bad_credentials_fail_once_per_poll_without_retry_storm(
@@ -86,8 +86,8 @@ def test_bad_credentials_fail_once_per_poll_without_retry_storm(
     assert not poller.status.up and poller.status.polled
     assert poller.status.last_error is not None and "401" in poller.status.last_error
     assert "PTwrong-token" not in poller.status.last_error
-    assert counters.snapshot()[0] == {("prod", "401"): 1}
-    assert counters.poll_errors_snapshot() == {("prod", "auth"): 1}
+    assert counters.state().api_requests == {("prod", "401"): 1}
+    assert counters.state().poll_errors == {("prod", "auth"): 1}
 
 
 def test_a_rotated_token_file_is_picked_up_on_401(
@@ -110,7 +110,7 @@ def test_an_outage_then_recovery(api: tuple[Simulator, str], tmp_path: Path) -> 
     poller, counters = make_poller(tmp_path, base_url)
     simulator.set_outage(True)
     assert not poller.poll_once()
-    assert counters.poll_errors_snapshot() == {("prod", "api"): 1}
+    assert counters.state().poll_errors == {("prod", "api"): 1}
     assert poller.status.totals == {}
     assert poller.status.last_error is not None and "503" in poller.status.last_error
     simulator.set_outage(False)
@@ -139,7 +139,7 @@ def test_invalid_records_are_skipped_counted_once_and_the_rest_counted(
     monkeypatch.setattr(poller.client, "list_pages", corrupt)
     assert poller.poll_once()
     assert poller.poll_once()  # re-listed: the same bad records do not count again
-    assert counters.snapshot()[1] == {"prod": 2}
+    assert counters.state().invalid_records == {"prod": 2}
     assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 3
 
 
@@ -153,11 +153,11 @@ def test_beyond_the_history_limit_it_lists_what_is_left_instead_of_failing(
     assert poller.poll_once()
     assert poller.status.up
     assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 1
-    assert counters.snapshot()[0][("prod", "422")] >= 1
+    assert counters.state().api_requests[("prod", "422")] >= 1
     assert poller.poll_once()  # the cursor has moved on: no more refusals
-    refusals = counters.snapshot()[0][("prod", "422")]
+    refusals = counters.state().api_requests[("prod", "422")]
     assert poller.poll_once()
-    assert counters.snapshot()[0][("prod", "422")] == refusals
+    assert counters.state().api_requests[("prod", "422")] == refusals
 
 
 def test_a_poll_whose_answers_arrive_after_stop_is_abandoned_uncommitted(

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
+from exporter.catchup import Windows
 from exporter.config import SettleConfig
 from exporter.records import Message
 
@@ -162,6 +163,7 @@ class PollPlan:
     horizon: float  # unknown records created before this are ignored
     get_ids: tuple[str, ...]  # pending messages to refresh by id
     timeout_due: frozenset[str]  # past settle.timeout, refreshed (and settled) this poll
+    window_end: float | None = None  # a catch-up step: the listing's created_before
 
     @property
     def created_after(self) -> float:
@@ -217,6 +219,7 @@ class Ledger:
         # where none can be due yet is skipped whole.
         self._seen_bound: dict[int, float] = {}
         self._indexed = 0
+        self.windows = Windows()
         for pending in state.pending.values():
             self._count_sighting(pending.message.created_at)
             self._count_pending(pending.message, 1)
@@ -261,6 +264,16 @@ class Ledger:
                 del self._seen_bound[bucket]
 
     # ----------------------------------------------------------------- planning
+    def catch_up_step(self, now: float) -> PollPlan | None:
+        """The next step of a catch-up: one window of creation time from the cursor on, with no
+        refresh (pending messages wait for the ordinary polls, so a refresh never re-lists the
+        backlog); None when the cursor is within a step of now."""
+        end = self.windows.end(self.state.cursor, now - CURSOR_SAFETY)
+        if end is None:
+            return None
+        horizon = self.state.cursor - LISTING_SLACK
+        return PollPlan(now, ((horizon, end),), horizon, (), frozenset(), window_end=end)
+
     def plan(self, now: float) -> PollPlan:
         """Decide this poll's listings and the pending messages to get by id (refresh tiers)."""
         state, rules = self.state, self.rules
@@ -474,6 +487,7 @@ class Batch:
         self.gone_ids: set[str] = set()
         self.new_messages = 0
         self.ignored = 0
+        self.listed = 0  # records observed, duplicates included: the size of the poll
         state = ledger.state
         settle = ledger.rules.settle
         self._committed = state.settled
@@ -489,41 +503,12 @@ class Batch:
 
     def observe(self, message: Message, at: float) -> None:
         """One record as listed or fetched at time `at`, duplicates and stale copies included."""
-        message_id, created_at, direction, kind, status, code, text, _, _ = message
-        settled = self.settled
-        if message_id in settled or message_id in self._committed:
-            return
-        seen, pending = self.seen, self._pending
-        in_seen = message_id in seen
-        if in_seen:
-            if seen[message_id].observed_at > at:
-                return  # an older observation arriving late never overrides a newer one
-        elif message_id not in pending:
-            if created_at < self._floor:
-                self.ignored += 1
-                return
-            self.new_messages += 1
-            sightings = self._sightings
-            sightings[created_at] = sightings.get(created_at, 0) + 1
-        if status in self._final or status in self._final_by_kind.get(kind, ()):
-            settled[message_id] = created_at
-            key = (direction, kind, status, code)
-            group = self._groups.get(key)
-            if group is None:
-                self._groups[key] = [message]
-            else:
-                group.append(message)
-            if code and text:
-                self._error_texts[code] = text
-            if in_seen:
-                del seen[message_id]
-            if message_id in pending:
-                self._settled_pending.append(message_id)
-        else:
-            seen[message_id] = _new_pending(Pending, (message, at))
+        self.observe_all((message,), at)
 
-    def observe_all(self, messages: Iterable[Message], at: float) -> None:
-        """`observe` for each of `messages` (a page), with the loop's lookups hoisted."""
+    def observe_all(self, messages: Sequence[Message], at: float) -> None:
+        """`observe` for each of `messages` (a page), with the loop's lookups hoisted.
+
+        An observation older than one already made in this poll never overrides it."""
         settled, committed, pending, seen = self.settled, self._committed, self._pending, self.seen
         groups, texts, sightings = self._groups, self._error_texts, self._sightings
         settled_pending = self._settled_pending
@@ -561,6 +546,7 @@ class Batch:
                 seen[message_id] = _new_pending(Pending, (message, at))
         self.new_messages += new_messages
         self.ignored += ignored
+        self.listed += len(messages)
 
     def gone(self, message_id: str, at: float) -> None:
         """A pending message that SignalWire no longer knows (404 on get-by-id)."""
@@ -582,7 +568,12 @@ class Batch:
         """
         state, rules = self.ledger.state, self.ledger.rules
         timeout = rules.settle.timeout
-        cursor = max(state.cursor, listing_started - CURSOR_SAFETY)
+        cursor = listing_started - CURSOR_SAFETY
+        if self.plan.window_end is not None:
+            # Everything created before the window's end has been listed (created_before is
+            # inclusive or exclusive: one second less either way).
+            cursor = min(cursor, self.plan.window_end - LISTING_SLACK)
+        cursor = max(state.cursor, cursor)
         delta = PollDelta(
             cursor=cursor,
             new_messages=self.new_messages,

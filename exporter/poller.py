@@ -8,15 +8,17 @@ next poll starts from the same cursor: an outage delays counts but never loses o
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any, NamedTuple
 
 import structlog
 
+from exporter.catchup import Progress
 from exporter.client import (
     HISTORY_LIMIT_CODE,
     ApiError,
@@ -26,8 +28,18 @@ from exporter.client import (
     RetryPolicy,
     Stopped,
 )
-from exporter.config import Config, ProjectConfig, read_token_file
-from exporter.ledger import Batch, LabelKey, Ledger, PollDelta, Rules, Totals
+from exporter.config import Config, ProjectConfig, format_duration, read_token_file
+from exporter.ledger import (
+    CURSOR_SAFETY,
+    LISTING_SLACK,
+    Batch,
+    LabelKey,
+    Ledger,
+    PollDelta,
+    PollPlan,
+    Rules,
+    Totals,
+)
 from exporter.logs import redact
 from exporter.records import InvalidRecord, Message, parse_message, parse_records
 from exporter.store import CommitError, Store
@@ -37,6 +49,8 @@ AUTH_BACKOFF_START = 60.0
 AUTH_BACKOFF_MAX = 600.0
 MAX_INVALID_KEYS = 100_000
 PROGRESS_EVERY_PAGES = 25
+# A catch-up logs its progress at most this often (a step can take well under a second).
+PROGRESS_LOG_INTERVAL = 5.0
 
 
 class CounterState(NamedTuple):
@@ -98,6 +112,7 @@ class ProjectStatus:
     pending: dict[tuple[str, str, str], int] = field(default_factory=dict)
     failure_ratios: dict[tuple[str, str], float] = field(default_factory=dict)
     error_info: dict[str, str] = field(default_factory=dict)
+    catch_up: Progress | None = None  # while a backlog is being taken in
 
     @property
     def pending_total(self) -> int:
@@ -147,6 +162,9 @@ class ProjectPoller:
         self._auth_failures = 0
         self._last_success: float | None = None
         self._token = project.api_token
+        self._progress: Progress | None = None
+        self._progress_began = 0.0
+        self._progress_logged = -math.inf
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -155,8 +173,8 @@ class ProjectPoller:
         self.ledger = Ledger(self.rules, state)
         self.log.info(
             "state loaded",
-            start_point=_iso(state.start_point),
-            cursor=_iso(state.cursor),
+            start_point=iso_time(state.start_point),
+            cursor=iso_time(state.cursor),
             pending=len(state.pending),
         )
         self._publish(polled=False, up=False, duration=None, error=None)
@@ -186,16 +204,30 @@ class ProjectPoller:
 
     # ----------------------------------------------------------------- one poll
     def poll_once(self) -> bool:
-        """One poll; True when it succeeded and was committed. Raises Stopped on shutdown."""
+        """One poll; True when it succeeded and was committed. Raises Stopped on shutdown.
+
+        A poll far behind now is a catch-up: a series of steps, each committed and published
+        before the next, then the ordinary poll up to now. A failure loses the step in flight
+        only; the next poll goes on from the last committed step.
+        """
         assert self.ledger is not None, "load() first"
         started = self.clock()
         try:
-            delta = self._collect(started)
-            if self.stop.is_set():
-                # Stopping while the last answer came in: the poll is abandoned uncommitted, as
-                # the README promises; the next start redoes it.
-                raise Stopped("stopping")
-            self.store.commit(self.project.name, delta)
+            while True:
+                now = self.clock()
+                plan = self.ledger.catch_up_step(now) or self.ledger.plan(now)
+                delta = self._collect(plan)
+                if delta is None:
+                    continue  # the window was resized: plan the step again
+                if self.stop.is_set():
+                    # Stopping while the last answer came in: the step is abandoned
+                    # uncommitted, as the README promises; the next start redoes it.
+                    raise Stopped("stopping")
+                self.store.commit(self.project.name, delta)
+                self.ledger.apply(delta)
+                if plan.window_end is None:
+                    break
+                self._stepped(plan, delta)
         except AuthError as exc:
             self._auth_failures += 1
             if self._reload_token():
@@ -208,12 +240,19 @@ class ProjectPoller:
             return self._failed(started, f"SignalWire API: {exc}", "api")
         except CommitError as exc:
             return self._failed(started, str(exc), "state", alarm=True)
-        self.ledger.apply(delta)
         self._auth_failures = 0
         duration = self.clock() - started
         self._last_success = self.clock()
         recovered = self.status.polled and not self.status.up
+        progress, self._progress = self._progress, None
         self._publish(polled=True, up=True, duration=duration, error=None)
+        if progress is not None:
+            self.log.info(
+                "caught up",
+                messages=progress.messages + delta.new_messages,
+                seconds=round(time.monotonic() - self._progress_began, 1),
+                cursor=iso_time(delta.cursor),
+            )
         event = "poll recovered" if recovered else "poll finished"
         log = self.log.info if recovered or delta.settled_count else self.log.debug
         log(
@@ -222,57 +261,153 @@ class ProjectPoller:
             settled=delta.settled_count,
             settled_by_timeout=delta.settled_by_timeout,
             pending=self.status.pending_total,
-            cursor=_iso(delta.cursor),
+            cursor=iso_time(delta.cursor),
             duration=round(duration, 3),
         )
         return True
 
-    def _collect(self, started: float) -> PollDelta:
+    def _stepped(self, plan: PollPlan, delta: PollDelta) -> None:
+        """A catch-up step is committed: size the next window, publish, report progress."""
+        assert self.ledger is not None and plan.window_end is not None
+        after = plan.listings[0][0]
+        self.ledger.windows.stepped(delta.new_messages, plan.window_end - after)
+        now = time.monotonic()
+        if self._progress is None:
+            self._progress_began = now
+            self._progress = Progress(after + LISTING_SLACK, delta.cursor, plan.now, 0, 0.0)
+        progress = self._progress = Progress(
+            began=self._progress.began,
+            cursor=delta.cursor,
+            target=plan.now - CURSOR_SAFETY,
+            messages=self._progress.messages + delta.new_messages,
+            elapsed=now - self._progress_began,
+        )
+        self._last_success = self.clock()
+        self._publish(polled=True, up=True, duration=self.status.last_duration, error=None)
+        if now - self._progress_logged >= PROGRESS_LOG_INTERVAL:
+            self._progress_logged = now
+            eta = progress.eta_seconds
+            self.log.info(
+                "catching up",
+                done=f"{progress.share:.1%}",
+                cursor=iso_time(delta.cursor),
+                behind=format_duration(round(max(0.0, progress.target - delta.cursor))),
+                messages=progress.messages,
+                messages_per_second=round(progress.messages_per_second),
+                eta="unknown" if eta is None else format_duration(round(eta)),
+            )
+
+    def _collect(self, plan: PollPlan) -> PollDelta | None:
+        """List, refresh and settle what the plan says; None when a catch-up step must be
+        planned again (its window was resized)."""
         assert self.ledger is not None
-        plan = self.ledger.plan(started)
+        windows = self.ledger.windows
+        plan, head = self._listing(plan)
         batch = self.ledger.begin(plan)
         server_time: float | None = None
-        head = self._listing(plan.created_after, started)
-        ranges = (self.client.list_pages(after, before) for after, before in plan.listings[1:])
-        records = 0
+        ranges = (self.client.list_pages(a, b) for a, b in plan.listings[1:])
+        low, high = math.inf, -math.inf  # creation times listed in a catch-up step
+        span = (plan.window_end or plan.now) - plan.listings[0][0]
         for number, page in enumerate(chain(head, *ranges), start=1):
             if server_time is None:
                 server_time = page.server_time
             at = self.clock()
             # Records re-listed after settling are skipped unparsed (observe would skip them too).
             settled = self.ledger.state.settled
-            batch.observe_all(parse_records(page.records, self._invalid, settled), at)
-            records += len(page.records)
+            messages = parse_records(page.records, self._invalid, settled)
+            batch.observe_all(messages, at)
+            if messages and (plan.window_end is not None or windows.past_bound(batch.new_messages)):
+                low = min(low, min(m.created_at for m in messages))
+                high = max(high, max(m.created_at for m in messages))
+            if windows.past_bound(batch.new_messages):
+                # Only a window honoured to the second can be cut (with whole-day filters, a
+                # shorter one would list nothing): check that first.
+                if not windows.checked and not self._window_trusted(plan, low, high):
+                    return None
+                if windows.too_large(batch.new_messages, span):
+                    self.log.info(
+                        "listing cut into steps: more messages than expected",
+                        new=batch.new_messages,
+                        next_window=format_duration(round(windows.seconds)),
+                    )
+                    return None
             if number % PROGRESS_EVERY_PAGES == 0:
-                self.log.info("listing in progress", pages=number, records=records)
+                self.log.info("listing in progress", pages=number, records=batch.listed)
+        if plan.window_end is not None and not self._window_trusted(plan, low, high):
+            return None
         self._refresh_by_id(batch, plan.get_ids)
         self._refresh_by_id(batch, batch.unrefreshed_timeout_due())
-        listing_started = started if server_time is None else min(started, server_time)
+        listing_started = plan.now if server_time is None else min(plan.now, server_time)
         return batch.close(self.clock(), listing_started)
 
-    def _listing(self, created_after: float, now: float) -> Iterator[Page]:
-        """The listing's pages; past SignalWire's history limit, from the oldest time it allows.
+    def _moved(self, plan: PollPlan, after: float) -> PollPlan:
+        """The plan with its listing starting at `after` instead (SignalWire's history limit)."""
+        assert self.ledger is not None
+        if plan.window_end is None:
+            return replace(plan, listings=((after, None), *plan.listings[1:]))
+        end = max(plan.window_end, float(math.floor(after + self.ledger.windows.seconds)))
+        if end >= plan.now - CURSOR_SAFETY:
+            return replace(plan, listings=((after, None),), window_end=None)
+        return replace(plan, listings=((after, end),), window_end=end)
+
+    def _window_trusted(self, plan: PollPlan, low: float, high: float) -> bool:
+        """Whether a catch-up step may be committed (or a listing cut into steps): SignalWire
+        must be known to honour the bounds to the second (checked once), or the windows are
+        whole days."""
+        assert self.ledger is not None
+        windows = self.ledger.windows
+        if windows.coarse:
+            return True
+        after, before = plan.listings[0]
+        if before is not None and low <= high and not windows.within(low, high, after, before):
+            self._coarse(f"records created from {iso_time(low)} to {iso_time(high)} listed")
+            return False
+        if windows.verified:
+            return True
+        if low > high:  # nothing listed, so nothing to check the filters with
+            if plan.window_end is None or windows.exact_whatever_the_precision(plan.window_end):
+                return True
+            windows.grow()  # a longer window instead, up to the day's end
+            return False
+        page = next(self.client.list_pages(high - 1, high + 1), None)
+        times = [m.created_at for m in parse_records(page.records if page else [], _ignore)]
+        if not windows.probed(high, times):
+            self._coarse(f"a listing of {iso_time(high - 1)} to {iso_time(high + 1)} did not match")
+            return False
+        return True
+
+    def _coarse(self, evidence: str) -> None:
+        self.log.warning(
+            "SignalWire honours created_after/created_before only to the day; catching up a "
+            "day at a time",
+            evidence=evidence,
+        )
+
+    def _listing(self, plan: PollPlan) -> tuple[PollPlan, Iterator[Page]]:
+        """The plan's first listing, and the plan as it stands: past SignalWire's history limit
+        the listing starts from the oldest time it allows.
 
         Messages older than the limit cannot be listed any more: the exporter says so once, with
         the span it had to skip, instead of failing every poll for good.
         """
-        pages = self.client.list_pages(created_after)
+        after, before = plan.listings[0]
+        pages = self.client.list_pages(after, before)
         try:
             first = next(pages, None)
         except ApiError as exc:
             if exc.code != HISTORY_LIMIT_CODE:
                 raise
-            allowed = self.client.oldest_listable(created_after, now)
+            allowed = self.client.oldest_listable(after, plan.now)
             self.log.error(
                 "messages beyond SignalWire's history limit are not counted",
-                skipped_from=_iso(created_after),
-                skipped_to=_iso(allowed),
+                skipped_from=iso_time(after),
+                skipped_to=iso_time(allowed),
             )
-            pages = self.client.list_pages(allowed)
+            plan = self._moved(plan, allowed)
+            after, before = plan.listings[0]
+            pages = self.client.list_pages(after, before)
             first = next(pages, None)
-        if first is not None:
-            yield first
-            yield from pages
+        return plan, _prepend(first, pages)
 
     def _refresh_by_id(self, batch: Batch, ids: Any) -> None:
         for message_id in ids:
@@ -345,10 +480,21 @@ class ProjectPoller:
             pending=pending,
             failure_ratios=self.ledger.failure_ratios(self.clock()),
             error_info=dict(state.error_info),
+            catch_up=self._progress,
         )
         if self.on_publish is not None:
             self.on_publish(self.status)
 
 
-def _iso(seconds: float) -> str:
+def iso_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _prepend(first: Page | None, rest: Iterator[Page]) -> Iterator[Page]:
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def _ignore(_: InvalidRecord) -> None:
+    """Invalid records in a probe are reported when a listing meets them, not here."""

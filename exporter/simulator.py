@@ -8,13 +8,15 @@ tested against every possibility:
   page requests shift older records onto later pages and a client sees some of them twice;
 * ``links.next`` with or without the caller's filters (``next_link_keeps_filters``), and page tokens
   that do or do not remember them (``token_encodes_filters``);
-* ``created_after`` exclusive or inclusive, honoured to the second or only to the day;
+* ``created_after`` exclusive or inclusive, ``created_before`` exclusive or inclusive, both honoured
+  to the second or only to the day;
 * ``Retry-After`` present or absent on 429;
 * list order newest first, oldest first or arbitrary (``list_order``);
 * statuses that keep changing after a message was first listed (MMS and unreceipted SMS stay
   ``sent`` for good);
 * ``exceeds_history_logs_limit`` (``history_limit``), HTML or ``{"error": ...}`` error bodies
-  (``fail_next(body=...)``), outages that reset connections, invalidated page tokens.
+  (``fail_next(body=...)``), outages that reset connections, invalidated page tokens, a random
+  share of requests failing (``set_error_rate``).
 """
 
 from __future__ import annotations
@@ -253,6 +255,9 @@ class Faults:
     retry_after: float | None = 1.0
     delay_remaining: int = 0
     delay_seconds: float = 0.0
+    error_rate: float = 0.0  # this share of the other requests is answered error_status
+    error_status: int = 503
+    _rng: random.Random = field(default_factory=lambda: random.Random(7), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def fail_next(
@@ -268,6 +273,10 @@ class Faults:
     def delay_next(self, n: int, seconds: float) -> None:
         with self._lock:
             self.delay_remaining, self.delay_seconds = n, seconds
+
+    def set_error_rate(self, rate: float, status: int = 503) -> None:
+        with self._lock:
+            self.error_rate, self.error_status = rate, status
 
     def set_outage(self, on: bool, mode: str = "503") -> None:
         if mode not in ("503", "reset"):
@@ -298,6 +307,8 @@ class Faults:
             if self.delay_remaining > 0:
                 self.delay_remaining -= 1
                 return FaultAction(delay=self.delay_seconds)
+            if self.error_rate and self._rng.random() < self.error_rate:
+                return FaultAction(Response(self.error_status, _generic_error(self.error_status)))
             return None
 
 
@@ -333,7 +344,8 @@ class Simulator:
         self.next_link_keeps_filters = True
         self.token_encodes_filters = True
         self.created_after_inclusive = False
-        self.created_after_day_precision = False
+        self.created_before_inclusive = False
+        self.created_after_day_precision = False  # both filters honoured only to the day
         self.max_page_size = 1000
         self.list_order = "newest"
         self.history_limit: float | None = None  # seconds of history the list can reach
@@ -676,6 +688,7 @@ class Simulator:
         lower: float | None = None
         upper: float | None = None
         inclusive = self.created_after_inclusive
+        before_inclusive = self.created_before_inclusive
         for name in ("created_after", "created_before"):
             if name not in filters:
                 continue
@@ -726,7 +739,9 @@ class Simulator:
                 return False
             if lower is not None and (created_at < lower if inclusive else created_at <= lower):
                 return False
-            if upper is not None and created_at >= upper:
+            if upper is not None and (
+                created_at > upper if before_inclusive else created_at >= upper
+            ):
                 return False
             return on_start is None or on_start <= created_at < on_start + DAY
 

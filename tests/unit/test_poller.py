@@ -12,7 +12,7 @@ import pytest
 
 from exporter.client import Stopped
 from exporter.config import Config, ProjectConfig, SettleConfig
-from exporter.ledger import PollDelta
+from exporter.ledger import PollDelta, PollPlan
 from exporter.poller import Counters, ProjectPoller
 from exporter.simulator import Simulator, SimulatorServer, Step
 from exporter.store import Store
@@ -129,8 +129,8 @@ def test_invalid_records_are_skipped_counted_once_and_the_rest_counted(
     poller, counters = make_poller(tmp_path, base_url)
     original = poller.client.list_pages
 
-    def corrupt(created_after: float | None):  # type: ignore[no-untyped-def]
-        for page in original(created_after):
+    def corrupt(created_after: float | None, created_before: float | None = None):  # type: ignore[no-untyped-def]
+        for page in original(created_after, created_before):
             records = list(page.records)
             records.append({"id": "broken", "status": "delivered"})  # fields missing
             records.append("not an object")
@@ -171,8 +171,8 @@ def test_a_poll_whose_answers_arrive_after_stop_is_abandoned_uncommitted(
     poller.store.commit = lambda project, delta: commits.append(delta)  # type: ignore[method-assign]
     collect = poller._collect
 
-    def collect_then_stop(started: float) -> PollDelta:
-        delta = collect(started)  # the last answer is in...
+    def collect_then_stop(plan: PollPlan) -> PollDelta | None:
+        delta = collect(plan)  # the last answer is in...
         poller.stop.set()  # ...when the stop comes
         return delta
 

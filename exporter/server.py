@@ -166,6 +166,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
 
 
+def _catch_up(status: ProjectStatus) -> str:
+    """How far a catch-up has come, or "none" when the cursor is current."""
+    progress = status.catch_up
+    if progress is None:
+        return "none"
+    eta = progress.eta_seconds
+    left = "" if eta is None else f", about {format_duration(round(eta))} left"
+    span = format_duration(round(progress.target - progress.began))
+    rate = f"{progress.messages_per_second:,.0f} messages/s"
+    return f"catching up: {progress.share:.0%} of {span}, {rate}{left}"
+
+
 def _landing(statuses: Sequence[ProjectStatus]) -> bytes:
     now = time.time()
     rows = []
@@ -177,7 +189,7 @@ def _landing(statuses: Sequence[ProjectStatus]) -> bytes:
             else f"{format_duration(round(now - s.last_success))} ago"
         )
         cursor = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s.cursor))
-        cells = [s.name, up, age, cursor, str(s.pending_total), s.last_error or ""]
+        cells = [s.name, up, age, cursor, _catch_up(s), str(s.pending_total), s.last_error or ""]
         rows.append(
             f'<tr class="{html.escape(up.split()[0])}">'
             + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
@@ -191,7 +203,7 @@ tr.up td:nth-child(2){{color:green}}tr.down td:nth-child(2){{color:#b00}}</style
 <p>Version {html.escape(__version__)}. Metrics: <a href="metrics">/metrics</a>.
 Health: <a href="-/healthy">/-/healthy</a>, <a href="-/ready">/-/ready</a>.</p>
 <table><tr><th>project</th><th>status</th><th>last successful poll</th><th>cursor</th>
-<th>pending messages</th><th>last error</th></tr>
+<th>backlog</th><th>pending messages</th><th>last error</th></tr>
 {"".join(rows)}
 </table></body></html>
 """

@@ -485,6 +485,10 @@ class Simulator:
         """Waits `seconds` before answering each of the next n requests."""
         self.faults.delay_next(n, seconds)
 
+    def set_error_rate(self, rate: float, status: int = 503) -> None:
+        """Answers this share of requests (chosen at random) with `status`, until set to 0."""
+        self.faults.set_error_rate(rate, status)
+
     def set_outage(self, on: bool, mode: str = "503") -> None:
         """While on, every request fails: mode "503", or "reset" (connection closed unanswered)."""
         self.faults.set_outage(on, mode)

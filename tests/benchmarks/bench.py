@@ -43,7 +43,7 @@ from exporter.records import InvalidRecord, parse_records
 from exporter.simulator import Simulator, SimulatorAdapter, SimulatorServer
 from exporter.store import Store
 from tests.benchmarks.profile import DayProfile, populate
-from tests.helpers import process_family
+from tests.helpers import exported_totals, parse_metrics, pending_total, process_family
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://simulator.invalid"
@@ -81,10 +81,10 @@ class DayResult:
     pending_left: int = 0
 
 
-def config_for(state_path: str, base: str = BASE) -> Config:
+def config_for(state_path: str, base: str = BASE, poll: float = POLL) -> Config:
     return Config(
         projects=(ProjectConfig("busy", base, PROJECT_ID, TOKEN),),
-        poll_interval=POLL,
+        poll_interval=poll,
         state_path=state_path,
         settle=SettleConfig(timeout=TIMEOUT),
         page_size=PAGE,
@@ -102,8 +102,8 @@ def final_time(simulator: Simulator, message_id: str, settle: SettleConfig) -> f
     return None
 
 
-def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
-    """The day in virtual time: polls every 30 s until every message has settled."""
+def busy_day(profile: DayProfile, workdir: Path, poll: float = POLL) -> DayResult:
+    """The day in virtual time: polls every `poll` seconds until every message has settled."""
     end_of_run = math.floor(time.time())
     tail = TIMEOUT + 3600
     start = end_of_run - profile.seconds - tail
@@ -113,8 +113,9 @@ def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
     populate(simulator, PROJECT_ID, profile, start, seed=2)
     gc.collect()
     gc.freeze()  # the simulator's million messages are not the exporter's garbage to scan
+    workdir.mkdir(parents=True, exist_ok=True)
     state_path = str(workdir / "busy.db")
-    config = config_for(state_path)
+    config = config_for(state_path, poll=poll)
     store = Store(state_path)
     poller = ProjectPoller(
         config.projects[0], config, store, Counters(), threading.Event(), clock=lambda: clock[0]
@@ -140,9 +141,9 @@ def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
         clock[0] = t
         poller.poll_once()
         result.polls += 1
-        if result.polls % PROGRESS_POLLS == 0:
+        if result.polls % round(PROGRESS_EVERY / poll) == 0:
             progress(f"{profile.messages:,} messages: virtual hour {(t - start) / 3600:.0f}")
-        t += POLL
+        t += poll
     result.cpu_s = time.process_time() - cpu
     result.requests = simulator.requests_total
     assert poller.ledger is not None
@@ -160,7 +161,7 @@ def busy_day(profile: DayProfile, workdir: Path) -> DayResult:
 
 
 _BEGAN = time.monotonic()
-PROGRESS_POLLS = 240  # every 2 virtual hours
+PROGRESS_EVERY = 7200.0  # virtual seconds between progress lines
 
 
 def progress(what: str) -> None:
@@ -275,9 +276,22 @@ class ScrapeResult:
     catch_up_s: float = float("nan")
 
 
+def cursor_lag(metrics_text: str) -> float:
+    """Seconds between now and the project's cursor, from a /metrics answer (inf before it has
+    one)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("signalwire_cursor_timestamp_seconds{"):
+            return time.time() - float(line.rsplit(" ", 1)[1])
+    return math.inf
+
+
+# The cursor trails now by about a poll and its safety margin once caught up.
+CAUGHT_UP_LAG = 120.0
+
+
 def scrape_latency(workdir: Path, backlog: int, idle_samples: int = 500) -> ScrapeResult:
-    """Scrape the real daemon every 20 ms while its first poll takes in a day's backlog (a poll
-    running all along), then while it waits for its next poll (idle)."""
+    """Scrape the real daemon every 20 ms while it takes in a day's backlog (catching up), then
+    while it waits for its next poll (idle)."""
     context = multiprocessing.get_context("fork")  # no threads run in this process now
     ours, theirs = context.Pipe()
     start = time.time() - DAY - 2 * 3600
@@ -299,13 +313,13 @@ def scrape_latency(workdir: Path, backlog: int, idle_samples: int = 500) -> Scra
             while len(result.idle_ms) < idle_samples and time.monotonic() - began < 600:
                 try:
                     t0 = time.perf_counter()
-                    session.get(f"{url}/metrics", timeout=10).raise_for_status()
+                    answer = session.get(f"{url}/metrics", timeout=10)
+                    answer.raise_for_status()
                     ms = (time.perf_counter() - t0) * 1000
-                    ready = session.get(f"{url}/-/ready", timeout=10).ok
                 except requests.RequestException:
                     time.sleep(0.05)  # not listening yet
                     continue
-                if not ready:
+                if cursor_lag(answer.text) > CAUGHT_UP_LAG:
                     result.polling_ms.append(ms)
                 else:
                     if not result.idle_ms:
@@ -318,6 +332,68 @@ def scrape_latency(workdir: Path, backlog: int, idle_samples: int = 500) -> Scra
     finally:
         ours.send("done")
         simulator.join(timeout=30)
+    return result
+
+
+@dataclass
+class CatchUpResult:
+    messages: int
+    seconds: float = float("nan")  # from the daemon's start to a cursor caught up
+    peak_rss_mb: float = float("nan")  # both processes
+    counted: int = 0  # messages settled or pending once caught up
+    ready_s: float = float("nan")
+
+
+def catch_up(workdir: Path, backlog: int) -> CatchUpResult:
+    """A first start whose start_from covers a day of `backlog` messages: the real daemon takes
+    it in from a simulator in another process; time, peak memory, and the count once done."""
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    start = time.time() - DAY - 2 * 3600
+    simulator = context.Process(target=_remote_simulator, args=(backlog, start, theirs))
+    simulator.start()
+    result = CatchUpResult(messages=backlog)
+    try:
+        base_url = ours.recv()
+        name = f"catch-up-{backlog}"
+        config = daemon_config(
+            workdir / f"{name}.yaml", workdir / f"{name}.db", base_url, start_from="2d"
+        )
+        with socket_port() as port:
+            pass
+        url = f"http://127.0.0.1:{port}"
+        proc = spawn_daemon(config, port)
+        session = requests.Session()
+        began = time.monotonic()
+        logged = began
+        try:
+            while time.monotonic() - began < 3600:
+                time.sleep(0.5)
+                try:
+                    if math.isnan(result.ready_s) and session.get(f"{url}/-/ready").ok:
+                        result.ready_s = time.monotonic() - began
+                    text = session.get(f"{url}/metrics", timeout=10).text
+                except requests.RequestException:
+                    continue  # not listening yet
+                lag = cursor_lag(text)
+                if time.monotonic() - logged > 30:
+                    logged = time.monotonic()
+                    progress(f"catch-up of {backlog:,}: cursor {lag / 3600:.1f} h behind")
+                if lag <= CAUGHT_UP_LAG:
+                    result.seconds = time.monotonic() - began
+                    result.peak_rss_mb = peak_rss_mb(proc.pid)
+                    samples = parse_metrics(text)
+                    result.counted = round(
+                        sum(n for n, _, _ in exported_totals(samples, "busy").values())
+                        + pending_total(samples, "busy")
+                    )
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        ours.send("done")
+        simulator.join(timeout=60)
     return result
 
 

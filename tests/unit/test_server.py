@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from exporter import __version__
+from exporter.catchup import Progress
 from exporter.config import ListenAddress
 from exporter.ledger import Totals
 from exporter.metrics import build_registry
@@ -34,7 +35,13 @@ STATUS = ProjectStatus(
     failure_ratios={("outbound-api", "sms"): 2 / 12},
     error_info={"30007": "Carrier <filtering>"},
 )
-DOWN = ProjectStatus(name="staging", polled=True, up=False, last_error="SignalWire API: 503 <b>")
+DOWN = ProjectStatus(
+    name="staging",
+    polled=True,
+    up=False,
+    last_error="SignalWire API: 503 <b>",
+    catch_up=Progress(began=0.0, cursor=21_600.0, target=86_400.0, messages=50_000, elapsed=20.0),
+)
 
 
 class Fixture:
@@ -131,6 +138,8 @@ def test_landing_page_shows_each_project_without_secrets_and_escaped(web: Fixtur
     assert ">up<" in page and ">down<" in page
     assert "503 &lt;b&gt;" in page and "<b>" not in page
     assert ">3<" in page  # pending messages
+    assert ">none<" in page  # production is not catching up; staging is:
+    assert "catching up: 25% of 1d, 2,500 messages/s, about 1m left" in page
 
 
 def test_health_readiness_and_404(web: Fixture) -> None:

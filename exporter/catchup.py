@@ -45,12 +45,15 @@ class Windows:
     verified: bool = False  # created_before has been seen honoured to the second
     coarse: bool = False  # the filters are honoured only to the day: whole-day windows
 
-    def end(self, cursor: float, caught_up: float) -> float | None:
-        """The end (`created_before`) of the next step's window, or None when one listing up to
-        now is no bigger than a step (then the poll is an ordinary one)."""
+    def end(self, cursor: float, reach: float, caught_up: float) -> float | None:
+        """The end (`created_before`) of the next step's window from `cursor`, or None when what
+        is left to list (from `reach` to `caught_up`) is no bigger than a step: then the poll is
+        an ordinary one."""
         next_day = (math.floor((cursor + 1) / DAY) + 1) * DAY
         if self.coarse:
             end = next_day  # day boundaries are the only bounds such an API honours exactly
+        elif reach + self.seconds >= caught_up:
+            return None
         else:
             end = float(math.floor(cursor + self.seconds))
             if not self.verified:

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from exporter.catchup import Windows
 from exporter.config import SettleConfig
 from exporter.records import Message
+from exporter.schedule import Schedule, late_ages, schedule
 
 LabelKey = tuple[str, str, str, str]  # direction, kind, status, error_code
 WindowKey = tuple[int, str, str]  # settlement second, direction, kind
@@ -55,17 +56,13 @@ MAX_NEW_LABEL_VALUES = 10
 CURSOR_SAFETY = 30.0
 # created_after is second-precision and its inclusiveness is unconfirmed: list one second earlier.
 LISTING_SLACK = 1.0
-# Refresh tiers. The API has no "changed since" filter, so seeing a status change costs a request:
-# a re-listed page or a get-by-id. Most receipts come within seconds (the head listing sees them);
-# pending messages up to RECENT_AGE old are refreshed together every RECENT_EVERY_POLLS polls, so a
-# late receipt settles within a few polls; older ones are refreshed by id on those same polls, at
-# most MIDDLE_GETS_PER_POLL each time, every age/MIDDLE_AGE_DIVISOR; past settle.timeout they are
-# refreshed in batches every TIMEOUT_EVERY_POLLS polls and settle as they stand.
-RECENT_AGE = 600.0
-RECENT_EVERY_POLLS = 4
+# Refresh tiers: their cadence is the Schedule's (exporter.schedule). Pending messages older than
+# the recent tier are refreshed by id on the recent tier's polls, at most MIDDLE_GETS_PER_POLL each
+# time, each every age/MIDDLE_AGE_DIVISOR.
 MIDDLE_AGE_DIVISOR = 4.0
 MIDDLE_GETS_PER_POLL = 1
-TIMEOUT_EVERY_POLLS = 3
+# The rate of new messages, for the head listing's overlap, is taken over this many minutes.
+RATE_MINUTES = 5
 # First-sighting counts per minute, kept this long, estimate the cost of re-listing a time range.
 HISTOGRAM_BUCKET = 60
 # Pending messages are indexed by minute of creation, so planning skips the many that the head
@@ -166,6 +163,11 @@ class PollPlan:
     window_end: float | None = None  # a catch-up step: the listing's created_before
 
     @property
+    def sweeps(self) -> bool:
+        """Whether the first listing starts from the cursor: only then may the cursor move."""
+        return self.listings[0][0] <= self.horizon
+
+    @property
     def created_after(self) -> float:
         return self.listings[0][0]
 
@@ -187,6 +189,8 @@ class PollDelta:
     new_messages: int = 0
     settled_by_timeout: int = 0
     sightings: dict[float, int] = field(default_factory=dict)  # created_at -> first sightings
+    head_started: float | None = None  # an ordinary poll: when its head listing started
+    receipt_ages: list[float] = field(default_factory=list)  # pending settled by a status: age
 
     @property
     def settled_count(self) -> int:
@@ -220,6 +224,11 @@ class Ledger:
         self._seen_bound: dict[int, float] = {}
         self._indexed = 0
         self.windows = Windows()
+        # Where the last ordinary poll's head listing started (not persisted: after a restart the
+        # first poll sweeps from the cursor), and the ages at which pending messages settled.
+        self._last_head: float | None = None
+        self._late_ages = late_ages()
+        self._schedule: Schedule | None = None
         for pending in state.pending.values():
             self._count_sighting(pending.message.created_at)
             self._count_pending(pending.message, 1)
@@ -268,33 +277,65 @@ class Ledger:
         """The next step of a catch-up: one window of creation time from the cursor on, with no
         refresh (pending messages wait for the ordinary polls, so a refresh never re-lists the
         backlog); None when the cursor is within a step of now."""
-        end = self.windows.end(self.state.cursor, now - CURSOR_SAFETY)
+        # Between sweeps the cursor trails the head listings: what is left to list starts where
+        # the last head listing (less the cursor's margin) or the cursor is, whichever is later.
+        caught_up = now - CURSOR_SAFETY
+        reach = self.state.cursor
+        if self._last_head is not None:
+            reach = max(reach, self._last_head - CURSOR_SAFETY)
+        end = self.windows.end(self.state.cursor, reach, caught_up)
         if end is None:
             return None
         horizon = self.state.cursor - LISTING_SLACK
         return PollPlan(now, ((horizon, end),), horizon, (), frozenset(), window_end=end)
 
+    def schedule(self) -> Schedule:
+        """The refresh tiers' cadence for this project's traffic (recomputed as it changes)."""
+        if self._schedule is None:
+            last = int(self.state.cursor // HISTOGRAM_BUCKET)
+            recent = sum(self._histogram.get(m, 0) for m in range(last - RATE_MINUTES, last))
+            self._schedule = schedule(
+                self.rules.poll_interval,
+                self.rules.page_size,
+                recent / (RATE_MINUTES * HISTOGRAM_BUCKET),
+                self._late_ages,
+                LISTING_SLACK,
+                CURSOR_SAFETY,
+            )
+        return self._schedule
+
+    def head_start(self, now: float, cadence: Schedule) -> float:
+        """Where this poll's head listing starts: from the cursor when a sweep is due (or after a
+        restart), else a little before the previous head listing."""
+        horizon = self.state.cursor - LISTING_SLACK
+        last = self._last_head
+        if last is None or now - self.state.cursor >= CURSOR_SAFETY + cadence.sweep_period:
+            return horizon
+        return max(horizon, last - cadence.head_overlap)
+
     def plan(self, now: float) -> PollPlan:
         """Decide this poll's listings and the pending messages to get by id (refresh tiers)."""
         state, rules = self.state, self.rules
         interval, timeout = rules.poll_interval, rules.settle.timeout
+        cadence = self.schedule()
         horizon = state.cursor - LISTING_SLACK
-        recent_since = now - RECENT_AGE
+        head = self.head_start(now, cadence)
+        recent_since = now - cadence.recent_age
         recent: list[Pending] = []
         timed_out: list[Pending] = []
         middle: list[tuple[float, Pending]] = []
         recent_due = timeout_due = False
         if self._indexed != len(state.pending):
             self._reindex_pending()  # a safety net: nothing but apply() should change pending
-        min_wait = RECENT_EVERY_POLLS * interval
+        min_wait = cadence.recent_every * interval
         index = self._pending_index
         for bucket in sorted(index):
             bucket_start = bucket * PENDING_BUCKET
             bucket_end = bucket_start + PENDING_BUCKET
             if bucket_start + timeout > now:  # none timed out
-                if bucket_start >= horizon:
+                if bucket_start >= head:
                     continue  # the head listing sees them all (the common case)
-                if bucket_end <= recent_since and bucket_end <= horizon:
+                if bucket_end <= recent_since and bucket_end <= head:
                     # All in the middle tier: the same test as below, without the tier checks,
                     # and none of it when even the longest unseen is not due yet.
                     shortest_wait = max((now - bucket_end) / MIDDLE_AGE_DIVISOR, min_wait)
@@ -321,25 +362,27 @@ class Ledger:
                 if created + timeout <= now:
                     timed_out.append(pending)
                     # Batch the timeout tier: wait until the first has been due a few polls.
-                    timeout_due |= created + timeout + (TIMEOUT_EVERY_POLLS - 1) * interval <= now
-                elif created >= horizon:
+                    waited = (cadence.timeout_every - 1) * interval
+                    timeout_due |= created + timeout + waited <= now
+                elif created >= head:
                     continue  # the head listing sees it
                 elif created >= recent_since:
                     if unseen >= interval * 0.5:
                         recent.append(pending)
-                    recent_due |= unseen >= (RECENT_EVERY_POLLS - 0.5) * interval
+                    recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
                 else:
                     wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
                     if unseen >= wait:
                         middle.append((unseen / wait, pending))
-        head_after = horizon
+        head_after = head
         ranges: list[Listing] = []
         gets: list[str] = []
         if recent_due and recent:
             oldest = min(p.message.created_at for p in recent)
-            extra = self._pages(oldest, None) - self._pages(horizon, None)
+            extra = self._pages(oldest, None) - self._pages(head, None)
             if extra < len(recent):
-                head_after = oldest - LISTING_SLACK
+                # Re-listing from there covers the cursor's trail too: it sweeps.
+                head_after = min(oldest - LISTING_SLACK, horizon)
             else:
                 gets += [p.message.id for p in recent]
         refreshed: frozenset[str] = frozenset()
@@ -390,6 +433,11 @@ class Ledger:
             minute = int(created_at // HISTOGRAM_BUCKET)
             histogram[minute] = histogram.get(minute, 0) + count
         state.cursor = delta.cursor
+        if delta.head_started is not None:
+            self._last_head = delta.head_started
+        if delta.receipt_ages or delta.sightings:
+            self._late_ages.extend(delta.receipt_ages)
+            self._schedule = None  # the traffic has moved: recompute the cadence
         pendings = state.pending
         for message_id in delta.pending_removed:
             removed = pendings.pop(message_id, None)
@@ -568,7 +616,8 @@ class Batch:
         """
         state, rules = self.ledger.state, self.ledger.rules
         timeout = rules.settle.timeout
-        cursor = listing_started - CURSOR_SAFETY
+        # The cursor moves only with a listing from the cursor on (a sweep or a catch-up step).
+        cursor = listing_started - CURSOR_SAFETY if self.plan.sweeps else state.cursor
         if self.plan.window_end is not None:
             # Everything created before the window's end has been listed (created_before is
             # inclusive or exclusive: one second less either way).
@@ -576,6 +625,8 @@ class Batch:
         cursor = max(state.cursor, cursor)
         delta = PollDelta(
             cursor=cursor,
+            head_started=listing_started if self.plan.window_end is None else None,
+            receipt_ages=[now - self.settled[i] for i in self._settled_pending],
             new_messages=self.new_messages,
             settled_ids=dict(self.settled),
             pending_removed=set(self._settled_pending),

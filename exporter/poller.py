@@ -343,12 +343,13 @@ class ProjectPoller:
     def _moved(self, plan: PollPlan, after: float) -> PollPlan:
         """The plan with its listing starting at `after` instead (SignalWire's history limit)."""
         assert self.ledger is not None
+        # What lies before `after` can no longer be listed: the listing sweeps from there.
         if plan.window_end is None:
-            return replace(plan, listings=((after, None), *plan.listings[1:]))
+            return replace(plan, listings=((after, None), *plan.listings[1:]), horizon=after)
         end = max(plan.window_end, float(math.floor(after + self.ledger.windows.seconds)))
         if end >= plan.now - CURSOR_SAFETY:
-            return replace(plan, listings=((after, None),), window_end=None)
-        return replace(plan, listings=((after, end),), window_end=end)
+            return replace(plan, listings=((after, None),), horizon=after, window_end=None)
+        return replace(plan, listings=((after, end),), horizon=after, window_end=end)
 
     def _window_trusted(self, plan: PollPlan, low: float, high: float) -> bool:
         """Whether a catch-up step may be committed (or a listing cut into steps): SignalWire

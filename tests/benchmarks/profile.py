@@ -34,6 +34,7 @@ class DayProfile:
     undelivered: float = 0.02  # the rest failed
     receipt_median: float = 5.0
     receipt_p99: float = 600.0
+    receipt_max: float = math.inf  # receipts later than this come at this age
 
     @property
     def sigma(self) -> float:
@@ -61,7 +62,7 @@ def populate(
         if r < profile.outbound_sms:
             segments = rng.choices((1, 2, 3), weights=(85, 12, 3))[0]
             charge = round(segments * SMS_PRICE, 6)
-            delay = max(1.5, rng.lognormvariate(mu, profile.sigma))
+            delay = min(profile.receipt_max, max(1.5, rng.lognormvariate(mu, profile.sigma)))
             outcome = rng.random()
             steps = [Step(0, "queued"), Step(1, "sent", charge=charge)]
             if outcome < profile.delivered:

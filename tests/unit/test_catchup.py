@@ -22,14 +22,14 @@ T0 = 1_800_000_000.0  # a whole second, 8 h into its day
 
 def test_a_cursor_within_a_window_of_now_needs_no_step() -> None:
     windows = Windows()
-    assert windows.end(T0, T0 + FIRST_STEP_SECONDS) is None
-    assert windows.end(T0, T0 + FIRST_STEP_SECONDS + 0.5) == T0 + FIRST_STEP_SECONDS
+    assert windows.end(T0, T0, T0 + FIRST_STEP_SECONDS) is None
+    assert windows.end(T0, T0, T0 + FIRST_STEP_SECONDS + 0.5) == T0 + FIRST_STEP_SECONDS
 
 
 def test_a_window_ends_on_a_whole_second_past_the_cursor() -> None:
     windows = Windows(seconds=MIN_STEP_SECONDS)
     for cursor in (T0, T0 + 0.1, T0 + 0.9):
-        end = windows.end(cursor, T0 + 1000)
+        end = windows.end(cursor, cursor, T0 + 1000)
         assert end is not None and end == math.floor(end)
         # The next cursor (one second before the end) is past this one: every step moves on.
         assert end - 1 > cursor
@@ -38,10 +38,10 @@ def test_a_window_ends_on_a_whole_second_past_the_cursor() -> None:
 def test_coarse_windows_are_whole_days_and_always_move_on() -> None:
     windows = Windows(coarse=True)
     day = math.floor(T0 / DAY) * DAY
-    assert windows.end(T0, T0 + 10 * DAY) == day + DAY
+    assert windows.end(T0, T0, T0 + 10 * DAY) == day + DAY
     # After a step the cursor is one second before the day's end: the next window is the next day.
-    assert windows.end(day + DAY - 1, T0 + 10 * DAY) == day + 2 * DAY
-    assert windows.end(day + DAY - 1, day + 2 * DAY) is None
+    assert windows.end(day + DAY - 1, day + DAY - 1, T0 + 10 * DAY) == day + 2 * DAY
+    assert windows.end(day + DAY - 1, day + DAY - 1, day + 2 * DAY) is None
 
 
 def test_windows_follow_the_density_and_grow_at_most_by_the_growth_factor() -> None:

@@ -16,9 +16,6 @@ from exporter.ledger import (
     MIDDLE_GETS_PER_POLL,
     OTHER_ERROR_CODE,
     OTHER_LABEL_VALUE,
-    RECENT_AGE,
-    RECENT_EVERY_POLLS,
-    TIMEOUT_EVERY_POLLS,
     Batch,
     Ledger,
     LedgerState,
@@ -124,13 +121,15 @@ def test_rule2_timeout_settles_with_the_status_observed_after_the_timeout() -> N
     assert totals(ledger) == {}
     # Past the timeout the plan demands a refresh (in batches: once the first has waited a few
     # polls); the refreshed status is the one settled.
-    assert ledger.plan(T0 + 1 + TIMEOUT + 5).timeout_due == frozenset()
-    plan = ledger.plan(T0 + 1 + TIMEOUT + 25)
+    batched = (ledger.schedule().timeout_every - 1) * 10.0  # the batch's wait, 10 s polls
+    assert ledger.plan(T0 + 1 + TIMEOUT + batched - 5).timeout_due == frozenset()
+    due = T0 + 1 + TIMEOUT + batched
+    plan = ledger.plan(due)
     assert plan.timeout_due == {"a"}
     batch = ledger.begin(plan)
     assert batch.unrefreshed_timeout_due() == ["a"]
-    batch.observe(msg("a", "sent", charge_nano=7), T0 + 1 + TIMEOUT + 26)
-    delta = batch.close(T0 + TIMEOUT + 27, T0 + TIMEOUT + 25)
+    batch.observe(msg("a", "sent", charge_nano=7), due + 1)
+    delta = batch.close(due + 2, due)
     ledger.apply(delta)
     assert delta.settled_by_timeout == 1
     assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 1, 7)}
@@ -381,13 +380,14 @@ def test_older_pending_messages_are_got_by_id_rarely_and_few_per_poll() -> None:
 def test_timed_out_messages_are_refreshed_in_batches_by_a_range_or_by_id() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1000)
     now = T0 + 20000
-    old = [msg(f"t{i}", "sent", now - 7200 - 25 - i) for i in range(5)]
+    due = (ledger.schedule().timeout_every - 1) * 10.0 + 5  # past the batch's wait, 10 s polls
+    old = [msg(f"t{i}", "sent", now - 7200 - due - i) for i in range(5)]
     poll(ledger, T0 + 10, *old)
     ledger.state.cursor = now - 30
     plan = ledger.plan(now)
     assert plan.timeout_due == {f"t{i}" for i in range(5)}
     # Five messages within one page: one ranged listing instead of five gets.
-    assert plan.listings[1] == (now - 7200 - 29 - 1, now - 7200 - 25 + 1)
+    assert plan.listings[1] == (now - 7200 - due - 4 - 1, now - 7200 - due + 1)
     assert plan.get_ids == ()
 
 
@@ -422,7 +422,9 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     """The refresh tiers message by message, in the most direct form: the plan must agree."""
     state, rules = ledger.state, ledger.rules
     interval, timeout = rules.poll_interval, rules.settle.timeout
+    cadence = ledger.schedule()
     horizon = state.cursor - LISTING_SLACK
+    head = ledger.head_start(now, cadence)
     recent: list[Pending] = []
     timed_out: list[Pending] = []
     middle: list[tuple[float, Pending]] = []
@@ -432,24 +434,24 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
         unseen = now - pending.observed_at
         if created + timeout <= now:
             timed_out.append(pending)
-            timeout_due |= created + timeout + (TIMEOUT_EVERY_POLLS - 1) * interval <= now
-        elif created >= horizon:
+            timeout_due |= created + timeout + (cadence.timeout_every - 1) * interval <= now
+        elif created >= head:
             continue
-        elif created >= now - RECENT_AGE:
+        elif created >= now - cadence.recent_age:
             if unseen >= interval * 0.5:
                 recent.append(pending)
-            recent_due |= unseen >= (RECENT_EVERY_POLLS - 0.5) * interval
+            recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
         else:
-            wait = max((now - created) / MIDDLE_AGE_DIVISOR, RECENT_EVERY_POLLS * interval)
+            wait = max((now - created) / MIDDLE_AGE_DIVISOR, cadence.recent_every * interval)
             if unseen >= wait:
                 middle.append((unseen / wait, pending))
-    head_after = horizon
+    head_after = head
     ranges: list[tuple[float, float | None]] = []
     gets: list[str] = []
     if recent_due and recent:
         oldest = min(p.message.created_at for p in recent)
-        if ledger._pages(oldest, None) - ledger._pages(horizon, None) < len(recent):
-            head_after = oldest - LISTING_SLACK
+        if ledger._pages(oldest, None) - ledger._pages(head, None) < len(recent):
+            head_after = min(oldest - LISTING_SLACK, horizon)
         else:
             gets += [p.message.id for p in recent]
     refreshed: frozenset[str] = frozenset()
@@ -561,3 +563,85 @@ def test_observing_a_page_at_once_equals_one_by_one(seed: int) -> None:
         assert batches[1].close(closing, now) == paged  # closing leaves the batch as it was
         ledger.apply(paged)
         now += rng.choice([10.0, 60.0, 150.0])
+
+
+def test_between_sweeps_the_head_lists_from_just_before_the_last_one_and_the_cursor_waits() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 100)  # the first poll of a process sweeps from the cursor
+    assert ledger.state.cursor == T0 + 100 - CURSOR_SAFETY
+    cadence = ledger.schedule()
+    plan = ledger.plan(T0 + 110)
+    assert not plan.sweeps
+    assert plan.created_after == T0 + 100 - cadence.head_overlap
+    batch = ledger.begin(plan)
+    batch.observe(msg("a", "delivered", T0 + 105), T0 + 110)
+    ledger.apply(batch.close(T0 + 110, T0 + 110))
+    assert ledger.state.cursor == T0 + 100 - CURSOR_SAFETY, "only a sweep moves the cursor"
+    assert "a" in ledger.state.settled
+    # Once the cursor trails by its margin and a sweep period, the head sweeps from the cursor.
+    due = ledger.state.cursor + CURSOR_SAFETY + cadence.sweep_period
+    assert not ledger.plan(due - 1).sweeps
+    sweep = ledger.plan(due)
+    assert sweep.sweeps and sweep.created_after == ledger.state.cursor - LISTING_SLACK
+    poll(ledger, due)
+    assert ledger.state.cursor == due - CURSOR_SAFETY
+
+
+def test_a_record_late_in_the_log_is_seen_by_the_next_sweep() -> None:
+    ledger = new_ledger(page_size=10)  # 2 messages a second: the head overlaps only a little
+    now, serial = T0 + 10, 0
+
+    def traffic(now: float) -> list[Message]:
+        nonlocal serial
+        serial += 20
+        return [msg(f"m{serial - i}", "delivered", now - i / 2) for i in range(20)]
+
+    for _ in range(40):
+        poll(ledger, now, *traffic(now))
+        now += 10
+    cadence = ledger.schedule()
+    assert cadence.head_overlap < 10
+    created = now - 5  # shows in the log 28 s after its creation (within the cursor's margin)
+    missed = 0
+    while True:
+        plan = ledger.plan(now)
+        covers = plan.created_after <= created
+        late = [msg("late", "delivered", created)] if covers and now >= created + 28 else []
+        missed += not covers and now >= created + 28
+        batch = ledger.begin(plan)
+        for m in [*traffic(now), *late]:
+            batch.observe(m, now)
+        ledger.apply(batch.close(now, now))
+        if late:
+            break
+        now += 10
+        assert now - created <= CURSOR_SAFETY + cadence.sweep_period + 2 * 10, "never seen"
+    assert missed, "the head listings had passed it: the sweep saw it"
+    assert plan.sweeps
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == serial + 1
+
+
+def test_pending_messages_settled_by_a_receipt_record_their_age_for_the_schedule() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent", T0 + 5))
+    delta = poll(ledger, T0 + 50, msg("a", "delivered", T0 + 5), msg("b", "delivered", T0 + 45))
+    assert delta.receipt_ages == [45.0]  # b settled on first sight: no receipt delay to learn
+    created = T0 + 200
+    poll(ledger, created, *(msg(f"p{i}", "sent", created) for i in range(200)))
+    for i in range(200):  # one receipt per poll, 60 s to 259 s after creation
+        poll(ledger, created + 60 + i, msg(f"p{i}", "delivered", created))
+    # The 99th percentile of the 201 ages (45, 60 ... 259) is 257, widened by the margin.
+    assert ledger.schedule().recent_age == pytest.approx(257.0 * 1.25)
+
+
+def test_no_catch_up_step_while_the_head_listings_keep_up() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 1000)  # a first poll: cursor at T0 + 970
+    now = T0 + 1000
+    for _ in range(20):  # the cursor trails between sweeps, the head keeps up
+        now += 10
+        assert ledger.catch_up_step(now) is None
+        poll(ledger, now)
+    # After an outage the backlog is stepped through from the cursor.
+    step = ledger.catch_up_step(now + 7200)
+    assert step is not None and step.created_after == ledger.state.cursor - LISTING_SLACK

@@ -270,10 +270,10 @@ class ScriptedWindows(Windows):
         self.index = 0
         self.scale = 1.0
 
-    def end(self, cursor: float, caught_up: float) -> float | None:
+    def end(self, cursor: float, reach: float, caught_up: float) -> float | None:
         self.seconds = self.lengths[self.index % len(self.lengths)] * self.scale
         self.index += 1
-        return super().end(cursor, caught_up)
+        return super().end(cursor, reach, caught_up)
 
     def grow(self) -> None:
         self.scale *= 8

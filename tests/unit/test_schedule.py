@@ -1,0 +1,79 @@
+"""The refresh tiers' cadence, from the poll interval and the traffic observed."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.schedule import (
+    AGES_KEPT,
+    AGES_NEEDED,
+    MAX_RECENT_AGE,
+    MIN_RECENT_AGE,
+    RECENT_AGE_MARGIN,
+    RECENT_EVERY_POLLS,
+    TIMEOUT_EVERY_POLLS,
+    late_ages,
+    schedule,
+)
+
+SLACK, SAFETY = 1.0, 30.0
+
+
+def cadence(interval: float, rate: float = 10.0, ages: list[float] | None = None):  # type: ignore[no-untyped-def]
+    sample = late_ages()
+    sample.extend(ages or [])
+    return schedule(interval, 1000, rate, sample, SLACK, SAFETY)
+
+
+def test_long_polls_keep_the_tiers_a_few_polls_apart() -> None:
+    thirty = cadence(30.0)
+    assert thirty.recent_every == RECENT_EVERY_POLLS
+    assert thirty.timeout_every == TIMEOUT_EVERY_POLLS
+    assert thirty.sweep_period == RECENT_EVERY_POLLS * 30.0
+
+
+def test_short_polls_do_not_re_list_more_often_than_long_ones() -> None:
+    two = cadence(2.0)
+    assert two.recent_every == 8  # 16 s: at least 15 s apart
+    assert two.timeout_every == 30  # 60 s
+    one = cadence(1.0)
+    assert one.recent_every == 15 and one.timeout_every == 60
+
+
+def test_the_recent_tier_is_widest_until_receipts_have_been_seen() -> None:
+    assert cadence(30.0, ages=[5.0] * (AGES_NEEDED - 1)).recent_age == MAX_RECENT_AGE
+
+
+@pytest.mark.parametrize(
+    ("ages", "expected"),
+    [
+        ([10.0] * 99 + [48.0], MIN_RECENT_AGE),  # never below the minimum
+        ([10.0] * 98 + [56.0, 56.0], 56.0 * RECENT_AGE_MARGIN),  # the 99th percentile, widened
+        ([100.0] * 50 + [2000.0] * 50, MAX_RECENT_AGE),  # never above the maximum
+    ],
+)
+def test_the_recent_tier_follows_the_ages_of_late_receipts(
+    ages: list[float], expected: float
+) -> None:
+    assert cadence(2.0, ages=ages).recent_age == pytest.approx(expected)
+
+
+def test_the_sample_of_ages_is_bounded_and_keeps_the_latest() -> None:
+    sample = late_ages()
+    sample.extend(float(i) for i in range(3 * AGES_KEPT))
+    assert len(sample) == AGES_KEPT and sample[-1] == 3 * AGES_KEPT - 1
+
+
+@pytest.mark.parametrize(
+    ("rate", "interval", "overlap"),
+    [
+        (100.0, 2.0, 6.0),  # 800 of a page's 1000 records: 8 s, less the 2 s since the last
+        (1.0, 30.0, SAFETY),  # a quiet project: as far back as the cursor's margin
+        (0.0, 30.0, SAFETY),
+        (35.0, 30.0, 2 * SLACK),  # a page holds less than a poll: the minimum overlap
+    ],
+)
+def test_the_head_overlaps_the_last_one_as_far_as_its_pages_allow(
+    rate: float, interval: float, overlap: float
+) -> None:
+    assert cadence(interval, rate=rate).head_overlap == pytest.approx(overlap)

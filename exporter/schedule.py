@@ -16,7 +16,7 @@ page or a get-by-id. The tiers, youngest first:
   apart: a batch's listing costs about the same pages whatever its length).
 
 `recent_age` follows the ages at which pending messages were seen to settle (their late
-receipts), within [`MIN_RECENT_AGE`, `MAX_RECENT_AGE`].
+receipts: nearly all of them, `RECENT_AGE_QUANTILE`), within [`MIN_RECENT_AGE`, `MAX_RECENT_AGE`].
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from collections import deque
 from dataclasses import dataclass
 
 RECENT_EVERY_POLLS = 4
-RECENT_MIN_PERIOD = 15.0
+RECENT_MIN_PERIOD = 24.0
 TIMEOUT_EVERY_POLLS = 3
 TIMEOUT_MIN_PERIOD = 60.0
 MIN_RECENT_AGE = 60.0
 MAX_RECENT_AGE = 600.0
-# The recent tier reaches this much past the observed 99th percentile of late-receipt ages.
+# The recent tier reaches this much past the observed 99.9th percentile of late-receipt ages.
+RECENT_AGE_QUANTILE = 0.999
 RECENT_AGE_MARGIN = 1.25
 # Late-receipt ages kept for that percentile: a bounded sample of the latest.
 AGES_KEPT = 2048
@@ -67,8 +68,8 @@ def schedule(
     timeout_every = max(TIMEOUT_EVERY_POLLS, math.ceil(TIMEOUT_MIN_PERIOD / interval))
     if len(late_receipt_ages) >= AGES_NEEDED:
         ordered = sorted(late_receipt_ages)
-        p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-        recent_age = min(MAX_RECENT_AGE, max(MIN_RECENT_AGE, p99 * RECENT_AGE_MARGIN))
+        late = ordered[min(len(ordered) - 1, math.ceil(RECENT_AGE_QUANTILE * len(ordered)) - 1)]
+        recent_age = min(MAX_RECENT_AGE, max(MIN_RECENT_AGE, late * RECENT_AGE_MARGIN))
     else:
         recent_age = MAX_RECENT_AGE  # until receipts have been seen: the widest
     # As much overlap as the head's pages hold anyway: a receipt up to that old is seen free.

@@ -53,10 +53,19 @@ DAY = 86400.0
 # Messages the daemon takes in during the scrape measurement: a poll runs for the whole catch-up.
 SCRAPE_BACKLOG = 200_000
 
+# Short polls: 100 messages a second polled every 2 s, receipts log-normal (median 2 s, up to a
+# minute), measured in a steady state of half an hour once the timeout tier runs (after 2 h 10 m).
+SHORT_POLL, SHORT_RATE = 2.0, 100.0
+SHORT_TRAFFIC, SHORT_WINDOW = 9600.0, (7800.0, 9600.0)
+BACKLOGS = (100_000, 300_000, 1_000_000)
+
 TARGETS = {
     "requests_per_1000_messages": ("<=", 12.0),
     "settle_delay_p50_polls": ("<=", 1.0),
     "settle_delay_p99_polls": ("<=", 4.0),
+    "requests_per_1000_messages_2s_polls": ("<=", 12.0),
+    "settle_delay_mean_polls_2s_polls": ("<=", 2.0),
+    "catch_up_largest_peak_rss_mb": ("<=", 150.0),
     "daemon_peak_rss_mb": ("<=", 150.0),
     "ingest_cpu_ratio_to_json_loads": ("<=", 1.5),
     "metrics_render_median_ms": ("<=", 25.0),
@@ -79,6 +88,11 @@ class DayResult:
     simulator: Simulator | None = None
     end: float = 0.0
     pending_left: int = 0
+    # Within the steady-state window, when one is asked for: requests made, messages created in
+    # it, and the settlement delays of receipts that came in it.
+    window_requests: int = 0
+    window_messages: int = 0
+    window_delays: list[float] = field(default_factory=list)
 
 
 def config_for(state_path: str, base: str = BASE, poll: float = POLL) -> Config:
@@ -102,10 +116,17 @@ def final_time(simulator: Simulator, message_id: str, settle: SettleConfig) -> f
     return None
 
 
-def busy_day(profile: DayProfile, workdir: Path, poll: float = POLL) -> DayResult:
-    """The day in virtual time: polls every `poll` seconds until every message has settled."""
+def busy_day(
+    profile: DayProfile,
+    workdir: Path,
+    poll: float = POLL,
+    tail: float = TIMEOUT + 3600,
+    window: tuple[float, float] | None = None,
+) -> DayResult:
+    """The day in virtual time: polls every `poll` seconds, for `tail` seconds past its traffic
+    (by default until every message has settled). `window` (seconds from the start) is a steady
+    state measured on its own."""
     end_of_run = math.floor(time.time())
-    tail = TIMEOUT + 3600
     start = end_of_run - profile.seconds - tail
     clock = [start - 1.0]
     simulator = Simulator(clock=lambda: clock[0], seed=1)
@@ -137,8 +158,14 @@ def busy_day(profile: DayProfile, workdir: Path, poll: float = POLL) -> DayResul
     sys.setswitchinterval(0.001)  # as the daemon sets it
     cpu = time.process_time()
     t = start
+    in_window = False
     while t <= end_of_run:
         clock[0] = t
+        if window is not None and in_window != (window[0] <= t - start < window[1]):
+            in_window = not in_window
+            # Requests are counted from the window's start to its end.
+            sign = 1 if in_window else -1
+            result.window_requests -= sign * simulator.requests_total
         poller.poll_once()
         result.polls += 1
         if result.polls % round(PROGRESS_EVERY / poll) == 0:
@@ -149,10 +176,18 @@ def busy_day(profile: DayProfile, workdir: Path, poll: float = POLL) -> DayResul
     assert poller.ledger is not None
     result.pending_left = len(poller.ledger.state.pending)
     result.totals = dict(poller.ledger.state.totals)
+    if in_window:
+        result.window_requests += simulator.requests_total
     for message_id, when in settled_at.items():
         appeared = final_time(simulator, message_id, config.settle)
         if appeared is not None:
             result.delays.append(max(0.0, when - appeared))
+            if window is not None and window[0] <= appeared - start < window[1]:
+                result.window_delays.append(max(0.0, when - appeared))
+    if window is not None:
+        result.window_messages = sum(
+            window[0] <= m.created_at - start < window[1] for m in simulator.messages(PROJECT_ID)
+        )
     store.close()
     result.state_path = state_path
     result.end = end_of_run
@@ -520,13 +555,39 @@ def render_ms(totals: dict[LabelKey, Totals], projects: int) -> float:
     return statistics.median(times)
 
 
+def short_polls(
+    workdir: Path, traffic: float = SHORT_TRAFFIC, window: tuple[float, float] = SHORT_WINDOW
+) -> DayResult:
+    """SHORT_RATE messages a second polled every SHORT_POLL seconds, in virtual time."""
+    profile = DayProfile(
+        messages=round(SHORT_RATE * traffic),
+        seconds=traffic,
+        curve=0.0,
+        receipt_median=2.0,
+        receipt_p99=60.0,
+        receipt_max=60.0,
+    )
+    return busy_day(profile, workdir, poll=SHORT_POLL, tail=2 * SHORT_POLL, window=window)
+
+
 def figures(
     profile: DayProfile,
     workdir: Path,
     ingest_records: int,
     scrape_backlog: int = SCRAPE_BACKLOG,
     idle_scrapes: int = 500,
+    short_traffic: float = SHORT_TRAFFIC,
+    short_window: tuple[float, float] = SHORT_WINDOW,
+    backlogs: tuple[int, ...] = BACKLOGS,
 ) -> dict[str, Any]:
+    progress(f"short polls: {SHORT_RATE:g} messages a second every {SHORT_POLL:g} s")
+    short = short_polls(workdir / "short", short_traffic, short_window)
+    short.simulator = None
+    gc.collect()
+    catch_ups = []
+    for size in backlogs:
+        progress(f"catch-up: a first start over a day of {size:,} messages")
+        catch_ups.append(catch_up(workdir, size))
     progress(f"the busy day: {profile.messages:,} messages in virtual time")
     result = busy_day(profile, workdir)
     start = result.end - profile.seconds - TIMEOUT - 3600
@@ -540,7 +601,28 @@ def figures(
     scrapes = scrape_latency(workdir, scrape_backlog, idle_scrapes)
     idle = percentile(scrapes.idle_ms, 0.99)
     busy = percentile(scrapes.polling_ms, 0.99)
+    largest = catch_ups[-1]
     return {
+        "requests_per_1000_messages_2s_polls": 1000
+        * short.window_requests
+        / max(1, short.window_messages),
+        "settle_delay_mean_polls_2s_polls": statistics.mean(short.window_delays) / SHORT_POLL,
+        "settle_delay_p50_polls_2s_polls": percentile(short.window_delays, 0.5) / SHORT_POLL,
+        "settle_delay_p99_polls_2s_polls": percentile(short.window_delays, 0.99) / SHORT_POLL,
+        "short_polls_window_messages": short.window_messages,
+        "catch_up": [
+            {
+                "messages": c.messages,
+                "seconds": c.seconds,
+                "messages_per_second": c.messages / c.seconds,
+                "peak_rss_mb": c.peak_rss_mb,
+                "ready_s": c.ready_s,
+                "counted": c.counted,
+            }
+            for c in catch_ups
+        ],
+        "catch_up_largest_messages": largest.messages,
+        "catch_up_largest_peak_rss_mb": largest.peak_rss_mb,
         "messages": result.messages,
         "polls": result.polls,
         "requests": result.requests,
@@ -638,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
         help="messages the daemon takes in while its scrapes are timed",
     )
     parser.add_argument("--scaling", default="10000,100000,1000000", help="sizes, comma-separated")
+    parser.add_argument(
+        "--backlogs",
+        default=",".join(map(str, BACKLOGS)),
+        help="catch-up sizes, comma-separated (the last one's peak RSS is checked)",
+    )
     parser.add_argument("--output", default="bench-results.json")
     args = parser.parse_args(argv)
     configure("warning")
@@ -645,9 +732,19 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         began = time.monotonic()
         results = figures(
-            DayProfile(messages=args.messages), workdir, args.ingest, args.scrape_backlog
+            DayProfile(messages=args.messages),
+            workdir,
+            args.ingest,
+            args.scrape_backlog,
+            backlogs=tuple(int(b) for b in args.backlogs.split(",") if b),
         )
         print(table(results), flush=True)
+        for row in results["catch_up"]:
+            print(
+                f"catch-up of {row['messages']:,}: {row['seconds']:.1f} s, "
+                f"{row['messages_per_second']:,.0f} messages/s, peak RSS {row['peak_rss_mb']:.1f}"
+                f" MB, ready after {row['ready_s']:.1f} s, {row['counted']:,} counted"
+            )
         sizes = [int(s) for s in args.scaling.split(",") if s]
         growth = scaling(workdir, sizes, results) if sizes else []
         for row in growth:

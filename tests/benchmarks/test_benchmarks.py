@@ -16,6 +16,9 @@ def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
         ingest_records=2000,
         scrape_backlog=20_000,
         idle_scrapes=50,
+        short_traffic=300.0,
+        short_window=(150.0, 300.0),
+        backlogs=(5_000,),
     )
     for name in TARGETS:
         assert math.isfinite(results[name]), name
@@ -24,3 +27,5 @@ def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
     assert results["settled_by_status"] > 2500
     assert results["scrapes_polling"] > 0 and results["scrapes_idle"] == 50
     assert "requests_per_1000_messages" in table(results)
+    assert results["short_polls_window_messages"] > 10_000
+    assert [c["counted"] for c in results["catch_up"]] == [5_000], "a catch-up counts them all"

@@ -197,6 +197,28 @@ class PollDelta:
         return len(self.settled_ids)
 
 
+@dataclass(slots=True)
+class _Tiers:
+    """Pending messages due for a refresh, sorted by tier for one poll's plan."""
+
+    recent_since: float
+    recent: list[Pending] = field(default_factory=list)
+    recent_due: bool = False  # one of them has waited the recent tier's period
+    timed_out: list[Pending] = field(default_factory=list)
+    timeout_due: bool = False  # the first of them has waited the timeout tier's period
+    middle: list[tuple[float, Pending]] = field(default_factory=list)  # (overdue, message)
+
+
+@dataclass(slots=True)
+class _Choice:
+    """What a plan lists and gets, as the tiers add to it."""
+
+    head_after: float
+    ranges: list[Listing] = field(default_factory=list)
+    gets: list[str] = field(default_factory=list)
+    timeout_due: frozenset[str] = frozenset()
+
+
 class Ledger:
     """One project's counting state and rules.
 
@@ -314,18 +336,32 @@ class Ledger:
         return max(horizon, last - cadence.head_overlap)
 
     def plan(self, now: float) -> PollPlan:
-        """Decide this poll's listings and the pending messages to get by id (refresh tiers)."""
-        state, rules = self.state, self.rules
-        interval, timeout = rules.poll_interval, rules.settle.timeout
+        """Decide this poll's listings and the pending messages to get by id (refresh tiers):
+        sort the pending messages into tiers, then choose each tier's cheapest means."""
         cadence = self.schedule()
-        horizon = state.cursor - LISTING_SLACK
+        horizon = self.state.cursor - LISTING_SLACK
         head = self.head_start(now, cadence)
-        recent_since = now - cadence.recent_age
-        recent: list[Pending] = []
-        timed_out: list[Pending] = []
-        middle: list[tuple[float, Pending]] = []
-        recent_due = timeout_due = False
-        if self._indexed != len(state.pending):
+        tiers = self._tiers(now, head, cadence)
+        choice = _Choice(head_after=head)
+        self._refresh_recent(tiers, choice, horizon)
+        self._refresh_timed_out(tiers, choice)
+        self._refresh_middle(tiers, choice, now)
+        return PollPlan(
+            now,
+            ((choice.head_after, None), *choice.ranges),
+            horizon,
+            tuple(choice.gets),
+            choice.timeout_due,
+        )
+
+    def _tiers(self, now: float, head: float, cadence: Schedule) -> _Tiers:
+        """The pending messages due for a refresh, by tier (those the head listing sees aside).
+
+        Pending messages are indexed by minute of creation, so whole minutes the head listing
+        covers, or in the middle tier with none due yet, are passed over at once."""
+        interval, timeout = self.rules.poll_interval, self.rules.settle.timeout
+        tiers = _Tiers(recent_since=now - cadence.recent_age)
+        if self._indexed != len(self.state.pending):
             self._reindex_pending()  # a safety net: nothing but apply() should change pending
         min_wait = cadence.recent_every * interval
         index = self._pending_index
@@ -335,76 +371,90 @@ class Ledger:
             if bucket_start + timeout > now:  # none timed out
                 if bucket_start >= head:
                     continue  # the head listing sees them all (the common case)
-                if bucket_end <= recent_since and bucket_end <= head:
-                    # All in the middle tier: the same test as below, without the tier checks,
-                    # and none of it when even the longest unseen is not due yet.
-                    shortest_wait = max((now - bucket_end) / MIDDLE_AGE_DIVISOR, min_wait)
-                    if now - self._seen_bound[bucket] < shortest_wait:
-                        continue
-                    least_seen = math.inf
-                    for pending in index[bucket].values():
-                        observed = pending.observed_at
-                        if observed < least_seen:
-                            least_seen = observed
-                        unseen = now - observed
-                        if unseen < min_wait:
-                            continue
-                        wait = (now - pending.message.created_at) / MIDDLE_AGE_DIVISOR
-                        if wait < min_wait:
-                            wait = min_wait
-                        if unseen >= wait:
-                            middle.append((unseen / wait, pending))
-                    self._seen_bound[bucket] = least_seen  # exact again
+                if bucket_end <= tiers.recent_since and bucket_end <= head:
+                    self._middle_bucket(bucket, now, min_wait, tiers)
                     continue
             for pending in index[bucket].values():
                 created = pending.message.created_at
                 unseen = now - pending.observed_at
                 if created + timeout <= now:
-                    timed_out.append(pending)
+                    tiers.timed_out.append(pending)
                     # Batch the timeout tier: wait until the first has been due a few polls.
                     waited = (cadence.timeout_every - 1) * interval
-                    timeout_due |= created + timeout + waited <= now
+                    tiers.timeout_due |= created + timeout + waited <= now
                 elif created >= head:
                     continue  # the head listing sees it
-                elif created >= recent_since:
+                elif created >= tiers.recent_since:
                     if unseen >= interval * 0.5:
-                        recent.append(pending)
-                    recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
+                        tiers.recent.append(pending)
+                    tiers.recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
                 else:
                     wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
                     if unseen >= wait:
-                        middle.append((unseen / wait, pending))
-        head_after = head
-        ranges: list[Listing] = []
-        gets: list[str] = []
-        if recent_due and recent:
-            oldest = min(p.message.created_at for p in recent)
-            extra = self._pages(oldest, None) - self._pages(head, None)
-            if extra < len(recent):
-                # Re-listing from there covers the cursor's trail too: it sweeps.
-                head_after = min(oldest - LISTING_SLACK, horizon)
-            else:
-                gets += [p.message.id for p in recent]
-        refreshed: frozenset[str] = frozenset()
-        if timeout_due and timed_out:
-            refreshed = frozenset(p.message.id for p in timed_out)
-            low = min(p.message.created_at for p in timed_out)
-            high = max(p.message.created_at for p in timed_out)
-            if high >= head_after:
-                head_after = min(head_after, low - LISTING_SLACK)
-            elif self._pages(low, high) < len(timed_out):
-                ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
-            else:
-                gets += sorted(refreshed)
-        most_overdue = heapq.nlargest(MIDDLE_GETS_PER_POLL, middle, key=itemgetter(0))
-        for _, pending in most_overdue if recent_due or not recent else []:
+                        tiers.middle.append((unseen / wait, pending))
+        return tiers
+
+    def _middle_bucket(self, bucket: int, now: float, min_wait: float, tiers: _Tiers) -> None:
+        """A minute wholly in the middle tier: the same test as in _tiers without the tier
+        checks, and none of it when even the longest unseen is not due yet."""
+        shortest_wait = max((now - (bucket + 1) * PENDING_BUCKET) / MIDDLE_AGE_DIVISOR, min_wait)
+        if now - self._seen_bound[bucket] < shortest_wait:
+            return
+        least_seen = math.inf
+        for pending in self._pending_index[bucket].values():
+            observed = pending.observed_at
+            if observed < least_seen:
+                least_seen = observed
+            unseen = now - observed
+            if unseen < min_wait:
+                continue
+            wait = (now - pending.message.created_at) / MIDDLE_AGE_DIVISOR
+            if wait < min_wait:
+                wait = min_wait
+            if unseen >= wait:
+                tiers.middle.append((unseen / wait, pending))
+        self._seen_bound[bucket] = least_seen  # exact again
+
+    def _refresh_recent(self, tiers: _Tiers, choice: _Choice, horizon: float) -> None:
+        """The recent tier, when due: the head listing from its oldest (a sweep too), or gets,
+        whichever takes fewer requests."""
+        if not (tiers.recent_due and tiers.recent):
+            return
+        oldest = min(p.message.created_at for p in tiers.recent)
+        extra = self._pages(oldest, None) - self._pages(choice.head_after, None)
+        if extra < len(tiers.recent):
+            choice.head_after = min(oldest - LISTING_SLACK, horizon)
+        else:
+            choice.gets += [p.message.id for p in tiers.recent]
+
+    def _refresh_timed_out(self, tiers: _Tiers, choice: _Choice) -> None:
+        """Messages past settle.timeout, when a batch is due: within the head listing's reach,
+        a listing of their range, or gets, whichever takes fewer requests."""
+        if not (tiers.timeout_due and tiers.timed_out):
+            return
+        choice.timeout_due = frozenset(p.message.id for p in tiers.timed_out)
+        low = min(p.message.created_at for p in tiers.timed_out)
+        high = max(p.message.created_at for p in tiers.timed_out)
+        if high >= choice.head_after:
+            choice.head_after = min(choice.head_after, low - LISTING_SLACK)
+        elif self._pages(low, high) < len(tiers.timed_out):
+            choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+        else:
+            choice.gets += sorted(choice.timeout_due)
+
+    @staticmethod
+    def _refresh_middle(tiers: _Tiers, choice: _Choice, now: float) -> None:
+        """The most overdue of the middle tier by id, on the recent tier's polls (or when it has
+        none), unless a listing of this poll covers them anyway."""
+        if tiers.recent and not tiers.recent_due:
+            return
+        for _, pending in heapq.nlargest(MIDDLE_GETS_PER_POLL, tiers.middle, key=itemgetter(0)):
             created = pending.message.created_at
-            covered = created >= head_after or any(
-                lo <= created <= (hi or now) for lo, hi in ranges
+            covered = created >= choice.head_after or any(
+                lo <= created <= (hi or now) for lo, hi in choice.ranges
             )
             if not covered:
-                gets.append(pending.message.id)
-        return PollPlan(now, ((head_after, None), *ranges), horizon, tuple(gets), refreshed)
+                choice.gets.append(pending.message.id)
 
     def _pages(self, since: float, until: float | None) -> int:
         """Pages a listing of [since, until] takes, from the first sightings per minute."""

@@ -9,6 +9,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from tests.helpers import (
 )
 
 PID, TOKEN = "backlog-project", "PTbacklog-token"
+QUIET_PID, QUIET_TOKEN = "quiet-project", "PTquiet-token"
 BACKLOG = 200_000
 SPAN = 6 * 3600.0
 SETTLE_TIMEOUT = 600.0
@@ -36,6 +38,7 @@ def api() -> Iterator[tuple[Simulator, str, float]]:
     now = math.floor(time.time())
     simulator = Simulator(seed=21)
     simulator.add_project(PID, TOKEN)
+    simulator.add_project(QUIET_PID, QUIET_TOKEN)
     rng = random.Random(22)
     since = now - SPAN
     # Settled long ago, or a second old: every outcome; some messages share a second.
@@ -125,3 +128,39 @@ def test_a_backlog_under_errors_and_a_kill_ends_exact_and_never_goes_back(
         assert restarted.terminate() == 0
     finally:
         simulator.set_error_rate(0.0)
+
+
+def test_one_project_catching_up_never_holds_back_another(
+    api: tuple[Simulator, str, float], tmp_path: Path
+) -> None:
+    _, base_url, now = api
+    config = write_config(
+        tmp_path / "config.yaml",
+        [
+            {"name": "busy", "space": base_url, "project_id": PID, "api_token": TOKEN},
+            {"name": "quiet", "space": base_url, "project_id": QUIET_PID, "api_token": QUIET_TOKEN},
+        ],
+        poll_interval="2s",
+        start_from=f"{round(time.time() - now + SPAN + 60)}s",
+        state_path=str(tmp_path / "state.db"),
+    )
+    config.chmod(0o600)
+    daemon = Daemon(config, tmp_path).start()
+    successes: list[float] = []
+    deadline = time.monotonic() + 600
+
+    def quiet_polls_while_busy_catches_up() -> bool:
+        samples = daemon.scrape()
+        last = select(samples, "signalwire_last_successful_poll_timestamp_seconds", project="quiet")
+        if last:
+            value = next(iter(last.values()))
+            if not successes or value != successes[-1]:
+                successes.append(value)
+        return cursor(samples) >= time.time() - 120 or time.monotonic() > deadline
+
+    wait_for(quiet_polls_while_busy_catches_up, 620, "caught up", interval=0.2)
+    assert cursor(daemon.scrape()) >= time.time() - 120, daemon.log()
+    assert len(successes) >= 5, "the catch-up lasts several of the quiet project's polls"
+    gaps = [b - a for a, b in pairwise(successes)]
+    assert max(gaps) <= 2.0 + 2.0, f"the quiet project's polls kept their interval: {gaps}"
+    assert daemon.terminate() == 0

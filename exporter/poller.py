@@ -272,14 +272,14 @@ class ProjectPoller:
         after = plan.listings[0][0]
         self.ledger.windows.stepped(delta.new_messages, plan.window_end - after)
         now = time.monotonic()
-        if self._progress is None:
+        previous = self._progress
+        if previous is None:  # the first step of this catch-up
             self._progress_began = now
-            self._progress = Progress(after + LISTING_SLACK, delta.cursor, plan.now, 0, 0.0)
         progress = self._progress = Progress(
-            began=self._progress.began,
+            began=after + LISTING_SLACK if previous is None else previous.began,
             cursor=delta.cursor,
             target=plan.now - CURSOR_SAFETY,
-            messages=self._progress.messages + delta.new_messages,
+            messages=delta.new_messages + (0 if previous is None else previous.messages),
             elapsed=now - self._progress_began,
         )
         self._last_success = self.clock()

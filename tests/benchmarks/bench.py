@@ -11,6 +11,7 @@ suite runs it at a tiny size only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -324,49 +326,63 @@ def cursor_lag(metrics_text: str) -> float:
 CAUGHT_UP_LAG = 120.0
 
 
-def scrape_latency(workdir: Path, backlog: int, idle_samples: int = 500) -> ScrapeResult:
-    """Scrape the real daemon every 20 ms while it takes in a day's backlog (catching up), then
-    while it waits for its next poll (idle)."""
+@contextlib.contextmanager
+def daemon_on_backlog(workdir: Path, name: str, backlog: int) -> Iterator[DaemonRun]:
+    """The real daemon on a first start whose start_from covers a day of `backlog` messages,
+    served by a simulator in another process; stopped, with the simulator, on leaving."""
     context = multiprocessing.get_context("fork")  # no threads run in this process now
     ours, theirs = context.Pipe()
     start = time.time() - DAY - 2 * 3600
     simulator = context.Process(target=_remote_simulator, args=(backlog, start, theirs))
     simulator.start()
-    result = ScrapeResult()
     try:
         base_url = ours.recv()
         config = daemon_config(
-            workdir / "scrape.yaml", workdir / "scrape.db", base_url, start_from="2d"
+            workdir / f"{name}.yaml", workdir / f"{name}.db", base_url, start_from="2d"
         )
         with socket_port() as port:
             pass
-        url = f"http://127.0.0.1:{port}"
         proc = spawn_daemon(config, port)
-        session = requests.Session()
-        began = time.monotonic()
         try:
-            while len(result.idle_ms) < idle_samples and time.monotonic() - began < 600:
-                try:
-                    t0 = time.perf_counter()
-                    answer = session.get(f"{url}/metrics", timeout=10)
-                    answer.raise_for_status()
-                    ms = (time.perf_counter() - t0) * 1000
-                except requests.RequestException:
-                    time.sleep(0.05)  # not listening yet
-                    continue
-                if cursor_lag(answer.text) > CAUGHT_UP_LAG:
-                    result.polling_ms.append(ms)
-                else:
-                    if not result.idle_ms:
-                        result.catch_up_s = time.monotonic() - began
-                    result.idle_ms.append(ms)
-                time.sleep(0.02)
+            yield DaemonRun(proc, f"http://127.0.0.1:{port}")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     finally:
         ours.send("done")
-        simulator.join(timeout=30)
+        simulator.join(timeout=60)
+
+
+@dataclass
+class DaemonRun:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+
+def scrape_latency(workdir: Path, backlog: int, idle_samples: int = 500) -> ScrapeResult:
+    """Scrape the real daemon every 20 ms while it takes in a day's backlog (catching up), then
+    while it waits for its next poll (idle)."""
+    result = ScrapeResult()
+    with daemon_on_backlog(workdir, "scrape", backlog) as run:
+        url = run.url
+        session = requests.Session()
+        began = time.monotonic()
+        while len(result.idle_ms) < idle_samples and time.monotonic() - began < 600:
+            try:
+                t0 = time.perf_counter()
+                answer = session.get(f"{url}/metrics", timeout=10)
+                answer.raise_for_status()
+                ms = (time.perf_counter() - t0) * 1000
+            except requests.RequestException:
+                time.sleep(0.05)  # not listening yet
+                continue
+            if cursor_lag(answer.text) > CAUGHT_UP_LAG:
+                result.polling_ms.append(ms)
+            else:
+                if not result.idle_ms:
+                    result.catch_up_s = time.monotonic() - began
+                result.idle_ms.append(ms)
+            time.sleep(0.02)
     return result
 
 
@@ -382,53 +398,33 @@ class CatchUpResult:
 def catch_up(workdir: Path, backlog: int) -> CatchUpResult:
     """A first start whose start_from covers a day of `backlog` messages: the real daemon takes
     it in from a simulator in another process; time, peak memory, and the count once done."""
-    context = multiprocessing.get_context("fork")
-    ours, theirs = context.Pipe()
-    start = time.time() - DAY - 2 * 3600
-    simulator = context.Process(target=_remote_simulator, args=(backlog, start, theirs))
-    simulator.start()
     result = CatchUpResult(messages=backlog)
-    try:
-        base_url = ours.recv()
-        name = f"catch-up-{backlog}"
-        config = daemon_config(
-            workdir / f"{name}.yaml", workdir / f"{name}.db", base_url, start_from="2d"
-        )
-        with socket_port() as port:
-            pass
-        url = f"http://127.0.0.1:{port}"
-        proc = spawn_daemon(config, port)
+    with daemon_on_backlog(workdir, f"catch-up-{backlog}", backlog) as run:
+        url, proc = run.url, run.proc
         session = requests.Session()
         began = time.monotonic()
         logged = began
-        try:
-            while time.monotonic() - began < 3600:
-                time.sleep(0.5)
-                try:
-                    if math.isnan(result.ready_s) and session.get(f"{url}/-/ready").ok:
-                        result.ready_s = time.monotonic() - began
-                    text = session.get(f"{url}/metrics", timeout=10).text
-                except requests.RequestException:
-                    continue  # not listening yet
-                lag = cursor_lag(text)
-                if time.monotonic() - logged > 30:
-                    logged = time.monotonic()
-                    progress(f"catch-up of {backlog:,}: cursor {lag / 3600:.1f} h behind")
-                if lag <= CAUGHT_UP_LAG:
-                    result.seconds = time.monotonic() - began
-                    result.peak_rss_mb = peak_rss_mb(proc.pid)
-                    samples = parse_metrics(text)
-                    result.counted = round(
-                        sum(n for n, _, _ in exported_totals(samples, "busy").values())
-                        + pending_total(samples, "busy")
-                    )
-                    break
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    finally:
-        ours.send("done")
-        simulator.join(timeout=60)
+        while time.monotonic() - began < 3600:
+            time.sleep(0.5)
+            try:
+                if math.isnan(result.ready_s) and session.get(f"{url}/-/ready").ok:
+                    result.ready_s = time.monotonic() - began
+                text = session.get(f"{url}/metrics", timeout=10).text
+            except requests.RequestException:
+                continue  # not listening yet
+            lag = cursor_lag(text)
+            if time.monotonic() - logged > 30:
+                logged = time.monotonic()
+                progress(f"catch-up of {backlog:,}: cursor {lag / 3600:.1f} h behind")
+            if lag <= CAUGHT_UP_LAG:
+                result.seconds = time.monotonic() - began
+                result.peak_rss_mb = peak_rss_mb(proc.pid)
+                samples = parse_metrics(text)
+                result.counted = round(
+                    sum(n for n, _, _ in exported_totals(samples, "busy").values())
+                    + pending_total(samples, "busy")
+                )
+                break
     return result
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +66,20 @@ def api() -> Iterator[tuple[Simulator, str, float]]:
         yield simulator, server.base_url, float(now)
 
 
+def config_for(tmp_path: Path, now: float, projects: list[dict[str, Any]], **settings: Any) -> Path:
+    """A configuration whose first start covers the whole backlog."""
+    config = write_config(
+        tmp_path / "config.yaml",
+        projects,
+        start_from=f"{round(time.time() - now + SPAN + 60)}s",
+        state_path=str(tmp_path / "state.db"),
+        settle={"timeout": f"{round(SETTLE_TIMEOUT)}s"},
+        **settings,
+    )
+    config.chmod(0o600)  # it holds tokens
+    return config
+
+
 def cursor(samples: Samples) -> float:
     values = select(samples, "signalwire_cursor_timestamp_seconds", project="busy")
     return next(iter(values.values()), 0.0)
@@ -74,15 +89,8 @@ def test_a_backlog_under_errors_and_a_kill_ends_exact_and_never_goes_back(
     api: tuple[Simulator, str, float], tmp_path: Path
 ) -> None:
     simulator, base_url, now = api
-    config = write_config(
-        tmp_path / "config.yaml",
-        [{"name": "busy", "space": base_url, "project_id": PID, "api_token": TOKEN}],
-        poll_interval="5s",
-        start_from=f"{round(time.time() - now + SPAN + 60)}s",
-        state_path=str(tmp_path / "state.db"),
-        settle={"timeout": f"{round(SETTLE_TIMEOUT)}s"},
-    )
-    config.chmod(0o600)
+    busy = {"name": "busy", "space": base_url, "project_id": PID, "api_token": TOKEN}
+    config = config_for(tmp_path, now, [busy], poll_interval="5s")
     simulator.set_error_rate(0.2)
     try:
         daemon = Daemon(config, tmp_path)
@@ -134,17 +142,9 @@ def test_one_project_catching_up_never_holds_back_another(
     api: tuple[Simulator, str, float], tmp_path: Path
 ) -> None:
     _, base_url, now = api
-    config = write_config(
-        tmp_path / "config.yaml",
-        [
-            {"name": "busy", "space": base_url, "project_id": PID, "api_token": TOKEN},
-            {"name": "quiet", "space": base_url, "project_id": QUIET_PID, "api_token": QUIET_TOKEN},
-        ],
-        poll_interval="2s",
-        start_from=f"{round(time.time() - now + SPAN + 60)}s",
-        state_path=str(tmp_path / "state.db"),
-    )
-    config.chmod(0o600)
+    busy = {"name": "busy", "space": base_url, "project_id": PID, "api_token": TOKEN}
+    quiet = {"name": "quiet", "space": base_url, "project_id": QUIET_PID, "api_token": QUIET_TOKEN}
+    config = config_for(tmp_path, now, [busy, quiet], poll_interval="2s")
     daemon = Daemon(config, tmp_path).start()
     successes: list[float] = []
     deadline = time.monotonic() + 600

@@ -27,6 +27,7 @@ from exporter.client import HISTORY_LIMIT_CODE, ApiError, Client
 from exporter.config import Config, ProjectConfig, parse_duration
 from exporter.ledger import (
     LISTING_SLACK,
+    DimensionKey,
     LabelKey,
     Ledger,
     LedgerState,
@@ -35,12 +36,12 @@ from exporter.ledger import (
     Rules,
     Totals,
 )
-from exporter.metrics import MESSAGE_FAMILIES, counter_value
+from exporter.metrics import COUNTER_FAMILIES
 from exporter.records import InvalidRecord, Message, parse_message
 from exporter.store import StateError, Store, committed_start_point
 
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-RESERVED_LABELS = {"project", "direction", "kind", "status", "error_code"}
+RESERVED_LABELS = {label for family in COUNTER_FAMILIES for label in family.labels}
 
 
 class BackfillError(Exception):
@@ -75,13 +76,22 @@ def parse_label(text: str) -> tuple[str, str]:
     return name, value
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """What one step settled: the increments of the counters, by error code, country and group."""
+
+    totals: dict[LabelKey, Totals]
+    by_country: dict[DimensionKey, Totals]
+    by_group: dict[DimensionKey, Totals]
+
+
 @dataclass
 class ProjectHistory:
     """One project's settled history: cumulative totals at each step boundary."""
 
     name: str
     boundaries: list[float]
-    increments: list[dict[LabelKey, Totals]]  # per boundary
+    increments: list[StepTotals]  # per boundary
     final: LedgerState
     seeded: bool = False
     listed: int = 0
@@ -166,11 +176,11 @@ def list_messages(
 
 def settle_history(
     rules: Rules, messages: Iterable[Message], start: float, boundaries: list[float], now: float
-) -> tuple[list[dict[LabelKey, Totals]], LedgerState]:
+) -> tuple[list[StepTotals], LedgerState]:
     """Run the ledger over the history, one step at a time, in order of creation."""
     ledger = Ledger(rules, LedgerState(start_point=start, cursor=start))
     ordered = sorted(messages, key=lambda m: (m.created_at, m.id))
-    increments: list[dict[LabelKey, Totals]] = []
+    increments: list[StepTotals] = []
     i = 0
     for boundary in boundaries:
         horizon = ledger.state.cursor - LISTING_SLACK
@@ -181,7 +191,7 @@ def settle_history(
         delta = batch.close(now, boundary)
         delta.window_add = {}  # history does not belong in the live failure-ratio window
         ledger.apply(delta)
-        increments.append(delta.totals)
+        increments.append(StepTotals(delta.totals, delta.by_country, delta.by_group))
     return increments, ledger.state
 
 
@@ -191,6 +201,8 @@ def seed_delta(state: LedgerState) -> PollDelta:
         cursor=state.cursor,
         settled_ids=dict(state.settled),
         totals=state.totals,
+        by_country=state.by_country,
+        by_group=state.by_group,
         pending_upserts=dict(state.pending),
         error_info=dict(state.error_info),
     )
@@ -236,13 +248,7 @@ def backfill_project(
     finally:
         client.close()
     progress.update([], force=True)
-    rules = Rules(
-        settle=config.settle,
-        poll_interval=config.poll_interval,
-        failure_ratio_window=config.failure_ratio_window,
-        max_error_codes=config.max_error_codes,
-        page_size=config.page_size,
-    )
+    rules = Rules.of(config)
     boundaries = step_boundaries(start, stop, step)
     increments, final = settle_history(rules, messages, start, boundaries, now)
     history = ProjectHistory(project.name, boundaries, increments, final, listed=len(messages))
@@ -265,25 +271,25 @@ def backfill_project(
 def write_openmetrics(
     out: TextIO, histories: list[ProjectHistory], extra_labels: list[tuple[str, str]]
 ) -> int:
-    """The three message counters, family by family, every series at every boundary."""
+    """The settled-message counters, family by family, every series at every boundary."""
     samples = 0
     extra = "".join(f',{name}="{_escape(value)}"' for name, value in extra_labels)
-    for family, help_text, field_of in MESSAGE_FAMILIES:
-        out.write(f"# HELP {family} {help_text}\n# TYPE {family} counter\n")
+    for family in COUNTER_FAMILIES:
+        name = family.name
+        out.write(f"# HELP {name} {family.help}\n# TYPE {name} counter\n")
         for history in histories:
-            for key in sorted(history.final.totals):
-                direction, kind, status, code = key
-                labels = (
-                    f'project="{_escape(history.name)}",direction="{_escape(direction)}",'
-                    f'kind="{_escape(kind)}",status="{_escape(status)}",'
-                    f'error_code="{_escape(code)}"{extra}'
+            for key in sorted(family.source(history.final)):
+                labels = ",".join(
+                    f'{label}="{_escape(value)}"'
+                    for label, value in zip(family.labels, (history.name, *key), strict=True)
                 )
-                total = 0
-                for boundary, increment in zip(history.boundaries, history.increments, strict=True):
-                    if key in increment:
-                        total += field_of(increment[key])
-                    value = counter_value(family, total)
-                    out.write(f"{family}_total{{{labels}}} {value} {_timestamp(boundary)}\n")
+                total = Totals()
+                for boundary, step in zip(history.boundaries, history.increments, strict=True):
+                    increment = family.source(step).get(key)
+                    if increment is not None:
+                        total.add(increment)
+                    value = family.value(total)
+                    out.write(f"{name}_total{{{labels}{extra}}} {value} {_timestamp(boundary)}\n")
                     samples += 1
     out.write("# EOF\n")
     return samples

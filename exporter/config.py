@@ -40,6 +40,10 @@ _IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?")
 _SPACE_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
 _SPACE_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# An own number as SignalWire's records show it: E.164, or a short code.
+_OWN_NUMBER_RE = re.compile(r"\+[1-9][0-9]{1,14}|[0-9]{3,8}")
+# Label values of number_group that the exporter itself uses.
+RESERVED_GROUP_NAMES = ("ungrouped", "other")
 
 
 class ConfigError(Exception):
@@ -174,10 +178,16 @@ class Config:
     failure_ratio_window: float = 900.0
     settle: SettleConfig = field(default_factory=SettleConfig)
     max_error_codes: int = 50
+    max_countries: int = 60
+    number_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> numbers
     request_timeout: float = 10.0
     page_size: int = 1000
     source: str = "<config>"
     warnings: tuple[str, ...] = ()
+
+    def group_of_number(self) -> dict[str, str]:
+        """Own number -> the name of the number group that lists it."""
+        return {n: name for name, numbers in self.number_groups.items() for n in numbers}
 
 
 class _Reader:
@@ -276,6 +286,7 @@ _TOP_KEYS = {
     "failure_ratio_window",
     "settle",
     "limits",
+    "number_groups",
     "request",
     "projects",
 }
@@ -325,11 +336,14 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
             for k, v in by_kind.items()
         }
     kwargs["settle"] = SettleConfig(**settle_kwargs)
-    limits = r.mapping(top.get("limits"), "limits", {"max_error_codes"})
+    limits = r.mapping(top.get("limits"), "limits", {"max_error_codes", "max_countries"})
     if "max_error_codes" in limits:
         kwargs["max_error_codes"] = r.integer(
             limits["max_error_codes"], "limits.max_error_codes", 1
         )
+    if "max_countries" in limits:
+        kwargs["max_countries"] = r.integer(limits["max_countries"], "limits.max_countries", 1)
+    kwargs["number_groups"] = _number_groups(r, top.get("number_groups"))
     request = r.mapping(top.get("request"), "request", {"timeout", "page_size"})
     if "timeout" in request:
         kwargs["request_timeout"] = r.duration(request["timeout"], "request.timeout", minimum=0.001)
@@ -337,6 +351,51 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
         kwargs["page_size"] = r.integer(request["page_size"], "request.page_size", 1, 1000)
     kwargs["projects"] = _projects(r, top.get("projects"))
     return Config(**kwargs)
+
+
+def _number_groups(r: _Reader, value: Any) -> dict[str, tuple[str, ...]]:
+    """Group name -> own numbers; a number belongs to at most one group."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise r.error(
+            "number_groups", f"must be a mapping of group name to numbers, got {_kind(value)}"
+        )
+    groups: dict[str, tuple[str, ...]] = {}
+    group_of: dict[str, str] = {}
+    for raw_name, numbers in value.items():
+        name = str(raw_name)
+        key = f"number_groups.{name}"
+        if not NAME_RE.fullmatch(name):
+            raise r.error(key, f"{name!r} is not a group name: it must match [a-z0-9_-]+")
+        if name in RESERVED_GROUP_NAMES:
+            raise r.error(
+                key, f"{name!r} is reserved (the exporter's own value); choose another name"
+            )
+        if not isinstance(numbers, list) or not numbers:
+            raise r.error(
+                key,
+                'must be a non-empty list of numbers (e.g. ["+15551230000", "72345"]), '
+                f"got {_kind(numbers)}",
+            )
+        listed: list[str] = []
+        for i, item in enumerate(numbers):
+            number = r.string(item, f"{key}[{i}]").strip()
+            if not _OWN_NUMBER_RE.fullmatch(number):
+                raise r.error(
+                    f"{key}[{i}]",
+                    f"{number!r} is neither an E.164 number (+15551230000) nor a short code "
+                    "(72345)",
+                )
+            other = group_of.setdefault(number, name)
+            if other != name:
+                raise r.error(
+                    f"{key}[{i}]",
+                    f"{number} is also in group {other!r}: a number belongs to one group",
+                )
+            listed.append(number)
+        groups[name] = tuple(listed)
+    return groups
 
 
 def _projects(r: _Reader, value: Any) -> tuple[ProjectConfig, ...]:

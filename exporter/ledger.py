@@ -24,21 +24,25 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 from exporter.catchup import Windows
-from exporter.config import SettleConfig
+from exporter.config import Config, SettleConfig
+from exporter.countries import UNKNOWN, country_of
 from exporter.records import Message
 from exporter.schedule import Schedule, late_ages, schedule
 
 LabelKey = tuple[str, str, str, str]  # direction, kind, status, error_code
+# direction, kind, status, and the country or number group: the insight counters' label sets.
+DimensionKey = tuple[str, str, str, str]
 WindowKey = tuple[int, str, str]  # settlement second, direction, kind
 FAILED_STATUSES = frozenset({"failed", "undelivered"})
 OTHER_ERROR_CODE = "other"
 OTHER_LABEL_VALUE = "other"
+UNGROUPED = "ungrouped"  # the number group of an own number that no group lists
 # SignalWire's documented values of direction, kind and status. New values are passed through as
 # labels, but at most MAX_NEW_LABEL_VALUES of them per label and project: garbage from the API must
 # not explode the number of series. Past that they show as "other".
@@ -106,9 +110,15 @@ class LedgerState:
     totals: dict[LabelKey, Totals] = field(default_factory=dict)
     error_info: dict[str, str] = field(default_factory=dict)  # exported error_code -> message
     window: dict[WindowKey, tuple[int, int]] = field(default_factory=dict)  # -> (settled, failed)
+    by_country: dict[DimensionKey, Totals] = field(default_factory=dict)
+    by_group: dict[DimensionKey, Totals] = field(default_factory=dict)
 
     def error_codes(self) -> set[str]:
         return {k[3] for k in self.totals if k[3] not in ("", OTHER_ERROR_CODE)}
+
+    def countries(self) -> set[str]:
+        """The countries admitted so far (under limits.max_countries)."""
+        return {k[3] for k in self.by_country if k[3] not in (UNKNOWN, OTHER_LABEL_VALUE)}
 
     def label_values(self) -> LabelValues:
         """The label values admitted so far: the documented ones and those already counted."""
@@ -148,6 +158,21 @@ class Rules:
     failure_ratio_window: float
     max_error_codes: int
     page_size: int
+    max_countries: int = 60
+    number_groups: Mapping[str, str] = field(default_factory=dict)  # own number -> group name
+
+    @classmethod
+    def of(cls, config: Config) -> Rules:
+        """The counting rules a configuration sets."""
+        return cls(
+            settle=config.settle,
+            poll_interval=config.poll_interval,
+            failure_ratio_window=config.failure_ratio_window,
+            max_error_codes=config.max_error_codes,
+            page_size=config.page_size,
+            max_countries=config.max_countries,
+            number_groups=config.group_of_number(),
+        )
 
 
 Listing = tuple[float, float | None]  # created_after, created_before (None: up to now)
@@ -179,6 +204,8 @@ class PollDelta:
     cursor: float
     settled_ids: dict[str, float] = field(default_factory=dict)  # id -> created_at
     totals: dict[LabelKey, Totals] = field(default_factory=dict)  # increments
+    by_country: dict[DimensionKey, Totals] = field(default_factory=dict)  # increments
+    by_group: dict[DimensionKey, Totals] = field(default_factory=dict)  # increments
     pending_upserts: dict[str, Pending] = field(default_factory=dict)  # new or changed
     pending_seen: dict[str, float] = field(default_factory=dict)  # unchanged: when seen again
     pending_removed: set[str] = field(default_factory=set)
@@ -230,8 +257,10 @@ class Ledger:
         self.rules = rules
         self.state = state
         self._histogram: dict[int, int] = {}
-        # Kept up to date by apply(), so neither a poll nor a scrape walks every message.
+        # Kept up to date by apply(), so neither a poll nor a scrape walks every message: per raw
+        # label set, the count of pending messages and their count per minute of creation.
         self._pending_counts: dict[tuple[str, str, str], int] = {}
+        self._pending_minutes: dict[tuple[str, str, str], dict[int, int]] = {}
         # Recently settled ids in the groups they were settled in, each with its oldest created_at:
         # pruning looks only at the groups old enough to hold something to prune.
         self._settled_groups: list[tuple[float, dict[str, float]]] = []
@@ -259,10 +288,18 @@ class Ledger:
     def _count_pending(self, message: Message, change: int) -> None:
         key = (message.direction, message.kind, message.status)
         count = self._pending_counts.get(key, 0) + change
+        minutes = self._pending_minutes.setdefault(key, {})
+        bucket = int(message.created_at // PENDING_BUCKET)
+        in_bucket = minutes.get(bucket, 0) + change
+        if in_bucket:
+            minutes[bucket] = in_bucket
+        else:
+            del minutes[bucket]
         if count:
             self._pending_counts[key] = count
         else:
             del self._pending_counts[key]
+            del self._pending_minutes[key]
 
     def _reindex_pending(self) -> None:
         self._pending_index = {}
@@ -518,6 +555,10 @@ class Ledger:
         self._prune_settled(delta.prune_settled_before)
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
+        for key, inc in delta.by_country.items():
+            state.by_country.setdefault(key, Totals()).add(inc)
+        for key, inc in delta.by_group.items():
+            state.by_group.setdefault(key, Totals()).add(inc)
         state.error_info.update(delta.error_info)
         for wkey, (settled, failed) in delta.window_add.items():
             s, f = state.window.get(wkey, (0, 0))
@@ -557,6 +598,28 @@ class Ledger:
             key = labels.map(*raw)
             counts[key] = counts.get(key, 0) + count
         return counts
+
+    def pending_oldest(self) -> dict[tuple[str, str, str], float]:
+        """created_at of the oldest pending message, by direction, kind and latest status.
+
+        Only the oldest minute holding each label set is looked at."""
+        oldest: dict[tuple[str, str, str], float] = {}
+        labels = self.state.label_values()
+        for raw, minutes in self._pending_minutes.items():
+            bucket = min(minutes)
+            members = self._pending_index.get(bucket, {}).values()
+            created = min(
+                (
+                    p.message.created_at
+                    for p in members
+                    if (p.message.direction, p.message.kind, p.message.status) == raw
+                ),
+                default=bucket * PENDING_BUCKET,
+            )
+            key = labels.map(*raw)
+            if created < oldest.get(key, math.inf):
+                oldest[key] = created
+        return oldest
 
     def failure_ratios(self, now: float) -> dict[tuple[str, str], float]:
         """Share failed or undelivered of the messages settled in the window, by direction, kind."""
@@ -613,7 +676,7 @@ class Batch:
         final, final_by_kind, floor = self._final, self._final_by_kind, self._floor
         new_messages = ignored = 0
         for message in messages:
-            message_id, created_at, direction, kind, status, code, text, _, _ = message
+            message_id, created_at, direction, kind, status, code, text, _, _, _, _ = message
             if message_id in settled or message_id in committed:
                 continue
             in_seen = message_id in seen
@@ -713,6 +776,7 @@ class Batch:
             if last.message.created_at + timeout <= now:
                 settle_late(last.message)
         codes = state.error_codes()
+        countries = state.countries()
         labels = state.label_values()
         second = int(now)
         # Label sets in order of first settlement: new error codes and label values are admitted
@@ -732,6 +796,7 @@ class Batch:
             inc.messages += count
             inc.segments += sum(map(_segments_of, group))
             inc.charge_nano += sum(map(_charge_of, group))
+            self._dimensions(group, (direction, kind, label_status), countries, delta)
             wkey = (second, direction, kind)
             settled, failed = delta.window_add.get(wkey, (0, 0))
             failed += count if status in FAILED_STATUSES else 0
@@ -742,6 +807,37 @@ class Batch:
         delta.prune_settled_before = cursor - LISTING_SLACK - 1.0
         delta.prune_window_before = int(now - rules.failure_ratio_window) - 1
         return delta
+
+    def _dimensions(
+        self,
+        group: list[Message],
+        labels: tuple[str, str, str],
+        countries: set[str],
+        delta: PollDelta,
+    ) -> None:
+        """Add settled messages of one label set to the counters by country and number group.
+
+        A new country is admitted while fewer than limits.max_countries are; past that it counts
+        as "other", so the sums stay those of signalwire_messages_total."""
+        number_groups = self.ledger.rules.number_groups
+        by_pair: dict[tuple[str, str], Totals] = {}
+        for message in group:
+            pair = (country_of(message.remote), number_groups.get(message.own, UNGROUPED))
+            totals = by_pair.get(pair)
+            if totals is None:
+                totals = by_pair[pair] = Totals()
+            totals.messages += 1
+            totals.segments += message.segments
+            totals.charge_nano += message.charge_nano
+        limit = self.ledger.rules.max_countries
+        for (country, number_group), totals in by_pair.items():
+            if country != UNKNOWN and country not in countries:
+                if len(countries) < limit:
+                    countries.add(country)
+                else:
+                    country = OTHER_LABEL_VALUE
+            delta.by_country.setdefault((*labels, country), Totals()).add(totals)
+            delta.by_group.setdefault((*labels, number_group), Totals()).add(totals)
 
 
 def new_state(now: float, start_from: float) -> LedgerState:

@@ -6,33 +6,106 @@ resetting. The collector only reads immutable snapshots: a scrape never waits fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
+from exporter.errors import category
 from exporter.ledger import Totals
 from exporter.poller import Counters, ProjectStatus
 from exporter.records import NANO
 
-MESSAGE_LABELS = ["project", "direction", "kind", "status", "error_code"]
-# The three message counters: family name, help, and the committed total each one shows
-# (the charge in nano-dollars, shown in dollars). /metrics and the backfill both use this.
-MESSAGE_FAMILIES: tuple[tuple[str, str, Callable[[Totals], int]], ...] = (
-    ("signalwire_messages", "Messages settled, by final outcome.", lambda t: t.messages),
-    ("signalwire_message_segments", "Segments of settled messages.", lambda t: t.segments),
-    (
+# The totals a counter family is drawn from: by error code, by country or by number group; each
+# keyed by direction, kind, status and that fourth label's value.
+Source = Callable[[Any], Mapping[tuple[str, str, str, str], Totals]]
+
+
+@dataclass(frozen=True)
+class CounterFamily:
+    """A settled-message counter: its name (without _total), help, the label after direction,
+    kind and status, where its totals come from and which figure of them it shows."""
+
+    name: str
+    help: str
+    label: str
+    source: Source
+    value: Callable[[Totals], float]
+
+    @property
+    def labels(self) -> list[str]:
+        return ["project", "direction", "kind", "status", self.label]
+
+
+def _messages(t: Totals) -> float:
+    return t.messages
+
+
+def _dollars(t: Totals) -> float:
+    return t.charge_nano / NANO
+
+
+_BY_CODE: Source = attrgetter("totals")
+_BY_COUNTRY: Source = attrgetter("by_country")
+_BY_GROUP: Source = attrgetter("by_group")
+# The settled-message counters, from committed totals; /metrics and the backfill both use this.
+COUNTER_FAMILIES = (
+    CounterFamily(
+        "signalwire_messages",
+        "Messages settled, by final outcome.",
+        "error_code",
+        _BY_CODE,
+        _messages,
+    ),
+    CounterFamily(
+        "signalwire_message_segments",
+        "Segments of settled messages.",
+        "error_code",
+        _BY_CODE,
+        attrgetter("segments"),
+    ),
+    CounterFamily(
         "signalwire_message_charge_usd",
         "Charge of settled messages, in US dollars.",
-        lambda t: t.charge_nano,
+        "error_code",
+        _BY_CODE,
+        _dollars,
+    ),
+    CounterFamily(
+        "signalwire_messages_by_country",
+        "Messages settled, by the remote number's country.",
+        "country",
+        _BY_COUNTRY,
+        _messages,
+    ),
+    CounterFamily(
+        "signalwire_message_charge_usd_by_country",
+        "Charge of settled messages by the remote number's country, in US dollars.",
+        "country",
+        _BY_COUNTRY,
+        _dollars,
+    ),
+    CounterFamily(
+        "signalwire_messages_by_number_group",
+        "Messages settled, by the number group of the project's own number.",
+        "number_group",
+        _BY_GROUP,
+        _messages,
+    ),
+    CounterFamily(
+        "signalwire_message_charge_usd_by_number_group",
+        "Charge of settled messages by the number group of the project's own number, in US "
+        "dollars.",
+        "number_group",
+        _BY_GROUP,
+        _dollars,
     ),
 )
-
-
-def counter_value(family: str, total: int) -> float:
-    return total / NANO if family.endswith("_usd") else total
 
 
 class ExporterCollector(Collector):
@@ -93,24 +166,29 @@ class ExporterCollector(Collector):
 
 
 def _message_families(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
-    counters = [
-        (CounterMetricFamily(name, help_text, labels=MESSAGE_LABELS), name, field_of)
-        for name, help_text, field_of in MESSAGE_FAMILIES
-    ]
+    for spec in COUNTER_FAMILIES:
+        family = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+        for status in statuses:
+            for key, totals in sorted(spec.source(status).items()):
+                family.add_metric([status.name, *key], spec.value(totals))
+        yield family
     pending = GaugeMetricFamily(
         "signalwire_messages_pending",
         "Messages seen but not yet settled, by latest status.",
         labels=["project", "direction", "kind", "status"],
     )
+    oldest = GaugeMetricFamily(
+        "signalwire_messages_pending_oldest_created_timestamp_seconds",
+        "created_at of the oldest message pending in the label set, Unix time.",
+        labels=["project", "direction", "kind", "status"],
+    )
     for status in statuses:
-        for key, totals in sorted(status.totals.items()):
-            labels = [status.name, *key]
-            for family, name, field_of in counters:
-                family.add_metric(labels, counter_value(name, field_of(totals)))
         for pkey, count in sorted(status.pending.items()):
             pending.add_metric([status.name, *pkey], count)
-    yield from (family for family, _, _ in counters)
+        for pkey, created in sorted(status.pending_oldest.items()):
+            oldest.add_metric([status.name, *pkey], created)
     yield pending
+    yield oldest
 
 
 def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
@@ -122,8 +200,8 @@ def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
     )
     error_info = GaugeMetricFamily(
         "signalwire_message_error_info",
-        "The latest description seen for each exported error code.",
-        labels=["project", "error_code", "error_message"],
+        "The latest description seen for each exported error code, and the cause it stands for.",
+        labels=["project", "error_code", "error_message", "category"],
     )
     up = GaugeMetricFamily(
         "signalwire_up", "1 if the last poll of the project succeeded, else 0.", labels=["project"]
@@ -146,7 +224,7 @@ def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
         for (direction, kind), value in sorted(status.failure_ratios.items()):
             ratio.add_metric([name, direction, kind], value)
         for code, text in sorted(status.error_info.items()):
-            error_info.add_metric([name, code, text], 1)
+            error_info.add_metric([name, code, text, category(code)], 1)
         up.add_metric([name], 1 if status.up else 0)
         if status.last_success is not None:
             last_success.add_metric([name], status.last_success)

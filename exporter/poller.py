@@ -33,6 +33,7 @@ from exporter.ledger import (
     CURSOR_SAFETY,
     LISTING_SLACK,
     Batch,
+    DimensionKey,
     LabelKey,
     Ledger,
     PollDelta,
@@ -109,7 +110,10 @@ class ProjectStatus:
     last_error: str | None = None
     cursor: float = 0.0
     totals: dict[LabelKey, Totals] = field(default_factory=dict)
+    by_country: dict[DimensionKey, Totals] = field(default_factory=dict)
+    by_group: dict[DimensionKey, Totals] = field(default_factory=dict)
     pending: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    pending_oldest: dict[tuple[str, str, str], float] = field(default_factory=dict)
     failure_ratios: dict[tuple[str, str], float] = field(default_factory=dict)
     error_info: dict[str, str] = field(default_factory=dict)
     catch_up: Progress | None = None  # while a backlog is being taken in
@@ -149,13 +153,7 @@ class ProjectPoller:
             retry=RetryPolicy(attempts=4, max_delay=min(30.0, config.poll_interval)),
             stop=stop,
         )
-        self.rules = Rules(
-            settle=config.settle,
-            poll_interval=config.poll_interval,
-            failure_ratio_window=config.failure_ratio_window,
-            max_error_codes=config.max_error_codes,
-            page_size=config.page_size,
-        )
+        self.rules = Rules.of(config)
         self.ledger: Ledger | None = None
         self.status = ProjectStatus(project.name)
         self._invalid_keys: set[str] = set()
@@ -475,16 +473,22 @@ class ProjectPoller:
             last_duration=duration,
             last_error=error,
             cursor=state.cursor,
-            totals={
-                k: Totals(v.messages, v.segments, v.charge_nano) for k, v in state.totals.items()
-            },
+            totals=_copy(state.totals),
+            by_country=_copy(state.by_country),
+            by_group=_copy(state.by_group),
             pending=pending,
+            pending_oldest=self.ledger.pending_oldest(),
             failure_ratios=self.ledger.failure_ratios(self.clock()),
             error_info=dict(state.error_info),
             catch_up=self._progress,
         )
         if self.on_publish is not None:
             self.on_publish(self.status)
+
+
+def _copy(totals: dict[LabelKey, Totals]) -> dict[LabelKey, Totals]:
+    """A snapshot for the published view: the ledger's Totals change in place."""
+    return {k: Totals(v.messages, v.segments, v.charge_nano) for k, v in totals.items()}
 
 
 def iso_time(seconds: float) -> str:

@@ -38,6 +38,8 @@ class Message(NamedTuple):
     error_message: str | None
     segments: int
     charge_nano: int
+    remote: str = ""  # the other party's number: `to` when outbound, `from` when inbound
+    own: str = ""  # the project's own number: the other one of the two
 
 
 @functools.lru_cache(maxsize=8192)
@@ -127,6 +129,7 @@ def parse_records(
                     continue
                 error_code = raw.get("error_code")
                 error_message = raw.get("error_message")
+                to, sender = raw.get("to"), raw.get("from")
                 if (
                     type(message_id) is str
                     and message_id
@@ -151,6 +154,8 @@ def parse_records(
                         except (ValueError, OverflowError):
                             created_at = None
                     if created_at is not None:
+                        if direction == "inbound":
+                            to, sender = sender, to
                         append(
                             _new_message(
                                 Message,
@@ -164,6 +169,8 @@ def parse_records(
                                     error_message or None,
                                     segments,
                                     round(charge * NANO),
+                                    to if type(to) is str else "",
+                                    sender if type(sender) is str else "",
                                 ),
                             )
                         )
@@ -206,14 +213,26 @@ def _parse_checked(raw: Any) -> Message:
     error_message = raw.get("error_message")
     if error_message is not None and not isinstance(error_message, str):
         error_message = None
+    direction = _text(raw, "direction", key)
+    remote, own = _number(raw, "to"), _number(raw, "from")
+    if direction == "inbound":
+        remote, own = own, remote
     return Message(
         id=message_id,
         created_at=created_at,
-        direction=_text(raw, "direction", key),
+        direction=direction,
         kind=_text(raw, "kind", key),
         status=_text(raw, "status", key),
         error_code=error_code or "",
         error_message=error_message or None,
         segments=segments,
         charge_nano=charge_to_nano(raw.get("charge"), key),
+        remote=remote,
+        own=own,
     )
+
+
+def _number(raw: dict[str, Any], name: str) -> str:
+    """`to` or `from`; a missing or odd value only costs the message its country and group."""
+    value = raw.get(name)
+    return value if isinstance(value, str) else ""

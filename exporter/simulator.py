@@ -74,8 +74,44 @@ _ERROR_MESSAGES = {
     "30007": "Message filtered by carrier",
 }
 
+# Remote parties the simulator writes to and hears from: mostly the US, with the other NANP regions
+# (which share +1 and differ by area code), a few other countries, and senders that are not phone
+# numbers at all. Each is (prefix, digits after it, weight).
+REMOTE_NUMBER_PLANS: tuple[tuple[str, int, int], ...] = (
+    ("+1212", 7, 20),  # US, New York
+    ("+1415", 7, 15),  # US, San Francisco
+    ("+1312", 7, 10),  # US, Chicago
+    ("+1305", 7, 8),  # US, Miami
+    ("+1416", 7, 8),  # CA, Toronto
+    ("+1604", 7, 4),  # CA, Vancouver
+    ("+1787", 7, 3),  # PR
+    ("+1876", 7, 2),  # JM
+    ("+447700", 6, 6),  # GB, mobile
+    ("+49151", 8, 4),  # DE, mobile
+    ("+33612", 6, 3),  # FR, mobile
+    ("+5215", 9, 3),  # MX, mobile
+    ("+91981", 7, 3),  # IN, mobile
+    ("+61412", 6, 2),  # AU, mobile
+    ("+8190", 8, 2),  # JP, mobile
+    ("", 5, 2),  # a short code
+    ("SIGNALWIRE", 0, 1),  # an alphanumeric sender
+)
+# The numbers the simulated account owns: long codes and a short code.
+OWN_NUMBERS = ("+15551230000", "+15551230001", "+15557650000", "+15557650001", "72345")
+
 
 # --------------------------------------------------------------------------- messages
+
+
+def remote_number(rng: random.Random) -> str:
+    """A remote party's number, drawn from REMOTE_NUMBER_PLANS."""
+    prefix, digits, _ = rng.choices(REMOTE_NUMBER_PLANS, weights=_PLAN_WEIGHTS)[0]
+    if not digits:
+        return prefix
+    return prefix + str(rng.randrange(10**digits)).zfill(digits)
+
+
+_PLAN_WEIGHTS = [weight for _, _, weight in REMOTE_NUMBER_PLANS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +436,8 @@ class Simulator:
                 raise ValueError(f"duplicate message id {message_id}")
             if source is None:
                 source = "realtime_api" if self._rng.random() < 0.25 else "laml"
+            inbound = direction == "inbound"
+            remote, own = remote_number(self._rng), self._rng.choice(OWN_NUMBERS)
             message = SimMessage(
                 id=message_id,
                 project_id=project_id,
@@ -409,8 +447,8 @@ class Simulator:
                 segments=segments,
                 timeline=list(timeline),
                 source=source,
-                from_number=from_number or self._fake_number(),
-                to_number=to_number or self._fake_number(),
+                from_number=from_number or (remote if inbound else own),
+                to_number=to_number or (own if inbound else remote),
             )
             project.messages[message_id] = message
             key = (message.created_at, message_id)
@@ -419,9 +457,6 @@ class Simulator:
             else:
                 bisect.insort(project.index, key)
             return message
-
-    def _fake_number(self) -> str:
-        return f"+1{self._rng.randint(201, 989)}555{self._rng.randint(0, 9999):04d}"
 
     def delete_message(self, project_id: str, message_id: str) -> None:
         """Removes a message from list and get (404 from then on)."""
@@ -450,10 +485,12 @@ class Simulator:
         start_point: float,
         now: float | None = None,
         include_deleted: bool = False,
+        by: Callable[[SimMessage], str] | None = None,
     ) -> dict[tuple[str, str, str, str], tuple[int, int, int]]:
         """Ground truth an exporter must have settled: (direction, kind, status, error_code or "")
         -> (messages, segments, charge in nano-dollars) over messages with
-        start_point <= created_at <= now."""
+        start_point <= created_at <= now. With `by`, its value for each message (a country, a
+        number group) takes the place of the error code."""
         now = self.clock() if now is None else now
         final = frozenset(final_statuses)
         by_kind = {kind: final | frozenset(extra) for kind, extra in final_statuses_by_kind.items()}
@@ -462,7 +499,8 @@ class Simulator:
             if not start_point <= message.created_at <= now:
                 continue
             step = message.settled_step(by_kind.get(message.kind, final), settle_timeout)
-            key = (message.direction, message.kind, step.status, step.error_code or "")
+            fourth = step.error_code or "" if by is None else by(message)
+            key = (message.direction, message.kind, step.status, fourth)
             acc = sums.setdefault(key, [0, 0, 0])
             acc[0] += 1
             acc[1] += message.segments

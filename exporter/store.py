@@ -1,6 +1,6 @@
 """The durable state: one SQLite file holding, per project, the start point, the cursor, the pending
-messages, the recently settled ids, the counter totals, the error descriptions and the failure-ratio
-window.
+messages, the recently settled ids, the counter totals (by error code, by country and by number
+group), the error descriptions and the failure-ratio window.
 
 A poll's effects are committed in one transaction (WAL), so a kill -9 at any
 instant leaves either the previous poll's state or the new one: nothing lost, nothing counted twice.
@@ -25,7 +25,7 @@ from exporter.ledger import LedgerState, Pending, PollDelta, Totals
 from exporter.records import Message
 
 APPLICATION_ID = 0x53574558  # "SWEX": marks the file as ours
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # How long opening waits for another process to release the state file's lock before refusing: a
 # process killed with its parent can hold it for a few milliseconds more, while a supervisor is
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS pending (
     direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
     error_code TEXT NOT NULL, error_message TEXT, segments INTEGER NOT NULL,
     charge_nano INTEGER NOT NULL, observed_at REAL NOT NULL,
+    remote TEXT NOT NULL DEFAULT '', own TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (project, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settled (
     project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
@@ -58,6 +59,16 @@ CREATE TABLE IF NOT EXISTS totals (
     error_code TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
     charge_nano INTEGER NOT NULL,
     PRIMARY KEY (project, direction, kind, status, error_code)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS totals_by_country (
+    project TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    country TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL,
+    PRIMARY KEY (project, direction, kind, status, country)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS totals_by_group (
+    project TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    number_group TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL,
+    PRIMARY KEY (project, direction, kind, status, number_group)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS error_info (
     project TEXT NOT NULL, error_code TEXT NOT NULL, error_message TEXT NOT NULL,
     PRIMARY KEY (project, error_code)) WITHOUT ROWID;
@@ -65,6 +76,22 @@ CREATE TABLE IF NOT EXISTS failure_window (
     project TEXT NOT NULL, second INTEGER NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL,
     settled INTEGER NOT NULL, failed INTEGER NOT NULL,
     PRIMARY KEY (project, second, direction, kind)) WITHOUT ROWID;
+"""
+
+# Version 1 -> 2: the counters by country and by number group, and the pending messages' numbers.
+# What was counted before has no country or group on record: it is carried over as "unknown" and
+# "ungrouped", so the new counters' sums equal the message counters from the first scrape on.
+_MIGRATE_FROM_1 = """
+ALTER TABLE pending ADD COLUMN remote TEXT NOT NULL DEFAULT '';
+ALTER TABLE pending ADD COLUMN own TEXT NOT NULL DEFAULT '';
+INSERT INTO totals_by_country
+    SELECT project, direction, kind, status, 'unknown', sum(messages), sum(segments),
+           sum(charge_nano)
+    FROM totals GROUP BY project, direction, kind, status;
+INSERT INTO totals_by_group
+    SELECT project, direction, kind, status, 'ungrouped', sum(messages), sum(segments),
+           sum(charge_nano)
+    FROM totals GROUP BY project, direction, kind, status;
 """
 
 
@@ -246,9 +273,11 @@ class Store:
         # A file marked by another program, or holding tables without our mark, is not ours.
         if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
             raise self._refuse("is a SQLite database of another program")
+        version = SCHEMA_VERSION
         if "meta" in tables:
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is not None and row[0] != str(SCHEMA_VERSION):
+            version = SCHEMA_VERSION if row is None else int(row[0]) if row[0].isdigit() else -1
+            if version not in (1, SCHEMA_VERSION):
                 raise StateError(
                     f"state file {self.path}: schema version {row[0]} is not supported by this "
                     f"version (expects {SCHEMA_VERSION}); run the newer version that wrote it, or "
@@ -271,8 +300,20 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if version == 1:
+                for statement in _MIGRATE_FROM_1.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
             conn.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        if version == 1:
+            structlog.get_logger().info(
+                "state file migrated",
+                state_path=self.path,
+                schema_version=f"1 -> {SCHEMA_VERSION}",
+                detail="counters by country and number group added; what was counted before "
+                "shows under country unknown and number_group ungrouped",
             )
 
     def _release(self) -> None:
@@ -361,11 +402,11 @@ class Store:
         state = LedgerState(start_point=row[0], cursor=row[1])
         for r in c.execute(
             "SELECT id, created_at, direction, kind, status, error_code, error_message, segments,"
-            " charge_nano, observed_at FROM pending WHERE project=?",
+            " charge_nano, remote, own, observed_at FROM pending WHERE project=?",
             (project,),
         ):
-            message = Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
-            state.pending[r[0]] = Pending(message, r[9])
+            message = Message(*r[:11])
+            state.pending[r[0]] = Pending(message, r[11])
         state.settled = dict(
             c.execute("SELECT id, created_at FROM settled WHERE project=?", (project,)).fetchall()
         )
@@ -375,6 +416,12 @@ class Store:
             (project,),
         ):
             state.totals[(r[0], r[1], r[2], r[3])] = Totals(r[4], r[5], r[6])
+        for table, totals in (
+            ("totals_by_country", state.by_country),
+            ("totals_by_group", state.by_group),
+        ):
+            for r in c.execute(f"SELECT * FROM {table} WHERE project=?", (project,)):
+                totals[(r[1], r[2], r[3], r[4])] = Totals(r[5], r[6], r[7])
         state.error_info = dict(
             c.execute(
                 "SELECT error_code, error_message FROM error_info WHERE project=?", (project,)
@@ -433,7 +480,7 @@ class Store:
             ((project, i) for i in delta.pending_removed),
         )
         c.executemany(
-            "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 (
                     project,
@@ -447,6 +494,8 @@ class Store:
                     p.message.segments,
                     p.message.charge_nano,
                     p.observed_at,
+                    p.message.remote,
+                    p.message.own,
                 )
                 for i, p in delta.pending_upserts.items()
             ),
@@ -459,15 +508,20 @@ class Store:
             "DELETE FROM settled WHERE project=? AND created_at<?",
             (project, delta.prune_settled_before),
         )
-        c.executemany(
-            "INSERT INTO totals VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
-            " messages=messages+excluded.messages, segments=segments+excluded.segments,"
-            " charge_nano=charge_nano+excluded.charge_nano",
-            (
-                (project, *key, inc.messages, inc.segments, inc.charge_nano)
-                for key, inc in delta.totals.items()
-            ),
-        )
+        for table, increments in (
+            ("totals", delta.totals),
+            ("totals_by_country", delta.by_country),
+            ("totals_by_group", delta.by_group),
+        ):
+            c.executemany(
+                f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " messages=messages+excluded.messages, segments=segments+excluded.segments,"
+                " charge_nano=charge_nano+excluded.charge_nano",
+                (
+                    (project, *key, inc.messages, inc.segments, inc.charge_nano)
+                    for key, inc in increments.items()
+                ),
+            )
         c.executemany(
             "INSERT OR REPLACE INTO error_info VALUES (?,?,?)",
             ((project, code, text) for code, text in delta.error_info.items()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import phonenumbers
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import DEFAULT_FINAL_BY_KIND, DEFAULT_FINAL_STATUSES
-from exporter.simulator import Simulator
+from exporter.simulator import SimMessage, Simulator
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +112,82 @@ def ground_truth(
         start_point=start_point,
     )
     return {k: (n, s, c / 1e9) for k, (n, s, c) in truth.items()}
+
+
+def true_country(number: str) -> str:
+    """The country a remote number belongs to, straight from the phone-number library (no
+    cache): what the exporter's `country` label must say below limits.max_countries."""
+    if not re.fullmatch(r"\+[1-9][0-9]{1,14}", number):
+        return "unknown"
+    try:
+        region = phonenumbers.region_code_for_number(phonenumbers.parse(number, None))
+    except phonenumbers.NumberParseException:
+        return "unknown"
+    return region if region and len(region) == 2 and region.isalpha() else "unknown"
+
+
+def remote_of(message: SimMessage) -> str:
+    return message.from_number if message.direction == "inbound" else message.to_number
+
+
+def own_of(message: SimMessage) -> str:
+    return message.to_number if message.direction == "inbound" else message.from_number
+
+
+def dimension_truth(
+    simulator: Simulator,
+    project_id: str,
+    start_point: float,
+    settle_timeout: float,
+    by: Callable[[SimMessage], str],
+) -> dict[tuple[str, str, str, str], tuple[int, float]]:
+    """(direction, kind, status, by(message)) -> (messages, USD) once everything settled."""
+    truth = simulator.expected_totals(
+        project_id,
+        final_statuses=DEFAULT_FINAL_STATUSES,
+        final_statuses_by_kind=DEFAULT_FINAL_BY_KIND,
+        settle_timeout=settle_timeout,
+        start_point=start_point,
+        by=by,
+    )
+    return {k: (n, c / 1e9) for k, (n, _, c) in truth.items()}
+
+
+def exported_dimension(
+    samples: Samples, project: str, dimension: str
+) -> dict[tuple[str, str, str, str], tuple[int, float]]:
+    """The counters by `country` or by `number_group` from a scrape: labels -> (messages, USD)."""
+    result: dict[tuple[str, str, str, str], tuple[int, float]] = {}
+    name = "number_group" if dimension == "number_group" else "country"
+    for labels, value in select(
+        samples, f"signalwire_messages_by_{name}_total", project=project
+    ).items():
+        d = dict(labels)
+        charge = select(samples, f"signalwire_message_charge_usd_by_{name}_total", **d)[labels]
+        result[(d["direction"], d["kind"], d["status"], d[name])] = (int(value), charge)
+    return result
+
+
+def sums_agree(samples: Samples, project: str) -> bool:
+    """Summed over country, and over number_group, the insight counters equal the message
+    counters summed over error_code, per direction, kind and status."""
+    messages: dict[tuple[str, str, str], list[float]] = {}
+    for (d, k, s, _), (n, _, usd) in exported_totals(samples, project).items():
+        acc = messages.setdefault((d, k, s), [0, 0.0])
+        acc[0] += n
+        acc[1] += usd
+    for dimension in ("country", "number_group"):
+        sums: dict[tuple[str, str, str], list[float]] = {}
+        for (d, k, s, _), (n, usd) in exported_dimension(samples, project, dimension).items():
+            acc = sums.setdefault((d, k, s), [0, 0.0])
+            acc[0] += n
+            acc[1] += usd
+        if set(sums) != set(messages):
+            return False
+        for key, (n, usd) in sums.items():
+            if n != messages[key][0] or abs(usd - messages[key][1]) > 1e-6:
+                return False
+    return True
 
 
 def pending_total(samples: Samples, project: str) -> float:

@@ -42,7 +42,13 @@ from exporter.logs import configure
 from exporter.metrics import build_registry
 from exporter.poller import Counters, ProjectPoller, ProjectStatus
 from exporter.records import InvalidRecord, parse_records
-from exporter.simulator import Simulator, SimulatorAdapter, SimulatorServer
+from exporter.simulator import (
+    OWN_NUMBERS,
+    Simulator,
+    SimulatorAdapter,
+    SimulatorServer,
+    remote_number,
+)
 from exporter.store import Store
 from tests.benchmarks.profile import DayProfile, populate
 from tests.helpers import exported_totals, parse_metrics, pending_total, process_family
@@ -456,13 +462,15 @@ def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
                 ("delivered", "sent", "undelivered", "failed", "received"),
                 weights=(65, 2, 1.5, 1.5, 30),
             )[0]
+            inbound = status == "received"
+            remote, own = remote_number(rng), rng.choice(OWN_NUMBERS)
             data.append(
                 {
                     "id": f"{n:08d}-5b2c-4c41-9a3f-{rng.getrandbits(48):012x}",
-                    "from": "+15551230000",
-                    "to": "+15559870000",
+                    "from": remote if inbound else own,
+                    "to": own if inbound else remote,
                     "status": status,
-                    "direction": "inbound" if status == "received" else "outbound-api",
+                    "direction": "inbound" if inbound else "outbound-api",
                     "kind": "sms",
                     "source": "realtime_api",
                     "type": "relay_message",

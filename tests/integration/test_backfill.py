@@ -10,21 +10,39 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from exporter.config import DEFAULT_FINAL_BY_KIND, DEFAULT_FINAL_STATUSES
-from exporter.simulator import Simulator, SimulatorServer, TrafficProfile, random_message_args
-from tests.helpers import ROOT, Daemon, free_port, parse_metrics, select, wait_for, write_config
+from exporter.simulator import (
+    SimMessage,
+    Simulator,
+    SimulatorServer,
+    TrafficProfile,
+    random_message_args,
+)
+from tests.helpers import (
+    ROOT,
+    Daemon,
+    free_port,
+    own_of,
+    parse_metrics,
+    remote_of,
+    select,
+    true_country,
+    wait_for,
+    write_config,
+)
 
 DAY = 86400
 TIMEOUT = 7200.0
 PROJECTS = {"north": ("p-north", "PTnorth-token"), "south": ("p-south", "PTsouth-token")}
 PROFILE = TrafficProfile(max_delay=60.0, never_receipted=0.05)
 MESSAGES_PER_PROJECT = 10_500
+GROUPS = {"+15551230000": "otp", "+15551230001": "otp", "72345": "marketing"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +75,16 @@ def config(tmp_path: Path, base_url: str) -> Path:
         poll_interval="1s",
         state_path="state.db",
         request={"page_size": 1000},
+        number_groups={"otp": ["+15551230000", "+15551230001"], "marketing": ["72345"]},
     )
+
+
+def remote_country(message: SimMessage) -> str:
+    return true_country(remote_of(message))
+
+
+def number_group(message: SimMessage) -> str:
+    return GROUPS.get(own_of(message), "ungrouped")
 
 
 def backfill(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,8 +98,14 @@ def backfill(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def truth(simulator: Simulator, project: str, after: float, until: float) -> dict[str, int]:
-    """Messages created in (after, until], settled, by status."""
+def truth(
+    simulator: Simulator,
+    project: str,
+    after: float,
+    until: float,
+    by: Callable[[SimMessage], str] | None = None,
+) -> dict[str, int]:
+    """Messages created in (after, until], settled, by status (or by `by`)."""
     totals = simulator.expected_totals(
         PROJECTS[project][0],
         final_statuses=DEFAULT_FINAL_STATUSES,
@@ -80,11 +113,13 @@ def truth(simulator: Simulator, project: str, after: float, until: float) -> dic
         settle_timeout=TIMEOUT,
         start_point=math.floor(after) + 1,
         now=until,
+        by=by,
     )
-    by_status: dict[str, int] = {}
-    for (_, _, status, _), (count, _, _) in totals.items():
-        by_status[status] = by_status.get(status, 0) + count
-    return by_status
+    counts: dict[str, int] = {}
+    for (_, _, status, fourth), (count, _, _) in totals.items():
+        key = status if by is None else fourth
+        counts[key] = counts.get(key, 0) + count
+    return counts
 
 
 def tool(name: str) -> str:
@@ -117,6 +152,10 @@ def test_backfilled_month_matches_ground_truth_in_prometheus(
         "signalwire_messages",
         "signalwire_message_segments",
         "signalwire_message_charge_usd",
+        "signalwire_messages_by_country",
+        "signalwire_message_charge_usd_by_country",
+        "signalwire_messages_by_number_group",
+        "signalwire_message_charge_usd_by_number_group",
     ]
     blocks = tmp_path / "data"
     created = subprocess.run(
@@ -137,15 +176,13 @@ def test_backfilled_month_matches_ground_truth_in_prometheus(
     try:
         wait_for(lambda: requests.get(f"{url}/-/ready", timeout=2).ok, 60, "Prometheus ready")
 
-        def query(expr: str, at: float) -> dict[tuple[str, str], float]:
+        def query(expr: str, at: float, label: str = "status") -> dict[tuple[str, str], float]:
             payload = requests.get(
                 f"{url}/api/v1/query", params={"query": expr, "time": str(at)}, timeout=30
             ).json()
             assert payload["status"] == "success", payload
             return {
-                (r["metric"].get("project", ""), r["metric"].get("status", "")): float(
-                    r["value"][1]
-                )
+                (r["metric"].get("project", ""), r["metric"].get(label, "")): float(r["value"][1])
                 for r in payload["data"]["result"]
             }
 
@@ -164,6 +201,19 @@ def test_backfilled_month_matches_ground_truth_in_prometheus(
                 assert have == {s: float(n) for s, n in want.items()}, (project, window, at)
                 checked += sum(want.values())
         assert checked > 5000
+        # The counters by country and by number group, over a week.
+        at = day_end - 2 * DAY
+        for label, by in (("country", remote_country), ("number_group", number_group)):
+            got = query(
+                f"sum by (project, {label}) (increase(signalwire_messages_by_{label}_total[7d]))",
+                at,
+                label,
+            )
+            for project in PROJECTS:
+                want = truth(simulator, project, at - 7 * DAY, at, by)
+                have = {c: v for (p, c), v in got.items() if p == project and v}
+                assert have == {c: float(n) for c, n in want.items()}, (project, label)
+            assert len(want) > 2
         # The extra labels join the live series.
         labels = requests.get(
             f"{url}/api/v1/series",

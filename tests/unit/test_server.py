@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -31,7 +32,16 @@ STATUS = ProjectStatus(
         ("outbound-api", "sms", "delivered", ""): Totals(10, 12, 41_500_000),
         ("outbound-api", "sms", "undelivered", "30007"): Totals(2, 2, 8_300_000),
     },
+    by_country={
+        ("outbound-api", "sms", "delivered", "CA"): Totals(10, 12, 41_500_000),
+        ("outbound-api", "sms", "undelivered", "unknown"): Totals(2, 2, 8_300_000),
+    },
+    by_group={
+        ("outbound-api", "sms", "delivered", "otp"): Totals(10, 12, 41_500_000),
+        ("outbound-api", "sms", "undelivered", "ungrouped"): Totals(2, 2, 8_300_000),
+    },
     pending={("outbound-api", "sms", "sent"): 3},
+    pending_oldest={("outbound-api", "sms", "sent"): 1_799_990_000.0},
     failure_ratios={("outbound-api", "sms"): 2 / 12},
     error_info={"30007": "Carrier <filtering>"},
 )
@@ -84,12 +94,25 @@ def test_metrics_exposes_the_contract_names_and_labels(web: Fixture) -> None:
     assert samples[("signalwire_message_segments_total", key)] == 2
     assert samples[("signalwire_message_charge_usd_total", key)] == pytest.approx(0.0083)
     pending_labels = {k: v for k, v in labels.items() if k != "error_code"} | {"status": "sent"}
-    assert samples[("signalwire_messages_pending", frozenset(pending_labels.items()))] == 3
+    pending_key = frozenset(pending_labels.items())
+    assert samples[("signalwire_messages_pending", pending_key)] == 3
     ratio = select(samples, "signalwire_message_failure_ratio", project="production")
     assert list(ratio.values()) == [pytest.approx(2 / 12)]
     assert select(samples, "signalwire_message_failure_ratio", project="staging") == {}
     info = select(samples, "signalwire_message_error_info", error_code="30007")
     assert dict(next(iter(info)))["error_message"] == "Carrier <filtering>"
+    assert dict(next(iter(info)))["category"] == "carrier_filtering"
+    country = labels | {"status": "delivered", "country": "CA"}
+    del country["error_code"]
+    assert samples[("signalwire_messages_by_country_total", frozenset(country.items()))] == 10
+    by_country = ("signalwire_message_charge_usd_by_country_total", frozenset(country.items()))
+    assert samples[by_country] == pytest.approx(0.0415)
+    group = {k: v for k, v in country.items() if k != "country"} | {"number_group": "otp"}
+    assert samples[("signalwire_messages_by_number_group_total", frozenset(group.items()))] == 10
+    by_group = ("signalwire_message_charge_usd_by_number_group_total", frozenset(group.items()))
+    assert samples[by_group] == pytest.approx(0.0415)
+    oldest = ("signalwire_messages_pending_oldest_created_timestamp_seconds", pending_key)
+    assert samples[oldest] == 1_799_990_000.0
     assert select(samples, "signalwire_up", project="production").popitem()[1] == 1
     assert select(samples, "signalwire_up", project="staging").popitem()[1] == 0
     assert select(samples, "signalwire_cursor_timestamp_seconds", project="production")
@@ -103,7 +126,7 @@ def test_metrics_exposes_the_contract_names_and_labels(web: Fixture) -> None:
     assert select(samples, "signalwire_api_requests_total", project="production", code="200")
     assert select(samples, "signalwire_invalid_records_total", project="staging").popitem()[1] == 0
     assert select(samples, "signalwire_exporter_build_info", version=__version__)
-    assert "_created" not in response.text
+    assert not re.search(r"_created[{ ]", response.text)  # no _created series
     assert "# TYPE signalwire_messages_total counter" in response.text
 
 
@@ -115,7 +138,7 @@ def test_metrics_speaks_openmetrics_when_asked(web: Fixture) -> None:
     )
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert response.text.rstrip().endswith("# EOF")
-    assert "_created" not in response.text
+    assert not re.search(r"_created[{ ]", response.text)
     assert "signalwire_messages_total{" in response.text
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from exporter.simulator import (
     LIST_PATH,
+    OWN_NUMBERS,
     SimMessage,
     Simulator,
     SimulatorServer,
@@ -279,7 +280,9 @@ def test_record_fields(sim: Simulator, server: SimulatorServer, http: requests.S
         "error_message",
     }
     assert record["created_at"] == iso(T0 - 2)  # floored to whole seconds
-    assert record["from"].startswith("+1") and record["to"].startswith("+1")
+    # An outbound message: from one of the account's numbers, to a remote party.
+    assert record["direction"].startswith("outbound")
+    assert record["from"] in OWN_NUMBERS and record["to"] not in OWN_NUMBERS
     assert record["type"] == "laml_message" and record["url"].startswith(server.base_url)
     assert record["charge"] == 0.0083
     assert sum(d["charge"] for d in record["charge_details"]) == 0.0083
@@ -683,3 +686,27 @@ def test_concurrent_requests_are_counted(sim: Simulator, server: SimulatorServer
     for thread in threads:
         thread.join()
     assert sim.requests_total == 20 and sim.list_requests == 20
+
+
+def test_numbers_follow_the_direction() -> None:
+    """Outbound: from an own number to a remote one; inbound: the other way round. The remote
+    parties span several countries (NANP regions included), short codes and senders."""
+    sim = Simulator(clock=lambda: T0, seed=4)
+    sim.add_project("p", "t")
+    remotes = []
+    for i in range(400):
+        direction = "inbound" if i % 2 else "outbound-api"
+        m = sim.add_message(
+            "p",
+            direction=direction,
+            kind="sms",
+            created_at=T0 - 10,
+            segments=1,
+            timeline=[Step(0, "received" if i % 2 else "delivered")],
+        )
+        own, remote = (m.to_number, m.from_number) if i % 2 else (m.from_number, m.to_number)
+        assert own in OWN_NUMBERS and remote not in OWN_NUMBERS
+        remotes.append(remote)
+    prefixes = {r[:5] for r in remotes}
+    assert {"+1212", "+1416", "+1787", "+1876", "+4477"} <= prefixes
+    assert any(not r.startswith("+") for r in remotes)

@@ -29,6 +29,10 @@ DEMO_PROJECT_ID = "00000000-demo-0000-0000-000000000000"
 DEMO_TOKEN = "PTdemo-not-a-real-token"
 HISTORY = 600.0
 PROFILE = TrafficProfile(max_delay=20.0)
+DEMO_NUMBER_GROUPS = {
+    "otp": ("+15551230000", "+15551230001"),
+    "marketing": ("+15557650000", "72345"),
+}
 
 
 def demo_config(base_url: str, state_path: str, listen: ListenAddress) -> Config:
@@ -41,6 +45,9 @@ def demo_config(base_url: str, state_path: str, listen: ListenAddress) -> Config
         failure_ratio_window=300.0,
         settle=SettleConfig(timeout=60.0),
         page_size=200,
+        # Two of the simulated account's numbers for one-time passwords, a long code and the
+        # short code for marketing: the rest show as "ungrouped".
+        number_groups=DEMO_NUMBER_GROUPS,
         source="<demo>",
     )
 

@@ -351,6 +351,8 @@ def test_every_default_of_the_contract(tmp_path: Path) -> None:
     assert config.settle.final_statuses == {"delivered", "undelivered", "failed", "received"}
     assert dict(config.settle.final_statuses_by_kind) == {"mms": {"sent"}}
     assert config.max_error_codes == 50
+    assert config.max_countries == 60
+    assert dict(config.number_groups) == {}
     assert config.request_timeout == 10.0
     assert config.page_size == 1000
     assert config.source.endswith("config.yaml")
@@ -413,6 +415,10 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
             mms: [sent]                     # MMS never gets a delivery receipt
         limits:
           max_error_codes: 50               # distinct error_code values per project
+          max_countries: 60                 # distinct country values per project
+        number_groups:                      # optional: your own numbers, grouped by purpose
+          otp: ["+15551230000", "+15551230001"]
+          marketing: ["+15557650000", "72345"]   # E.164 numbers or short codes
         request:
           timeout: 10s
           page_size: 1000                   # 1..1000
@@ -428,7 +434,15 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
     assert literal.projects[0].token_in_file and not config.projects[0].token_in_file
     assert config.warnings == ()
     same = [replace(p, token_in_file=False) for p in literal.projects]
-    assert config == replace(literal, projects=tuple(same), warnings=())
+    groups = {"otp": ("+15551230000", "+15551230001"), "marketing": ("+15557650000", "72345")}
+    assert config.number_groups == groups
+    assert config.group_of_number() == {
+        "+15551230000": "otp",
+        "+15551230001": "otp",
+        "+15557650000": "marketing",
+        "72345": "marketing",
+    }
+    assert config == replace(literal, projects=tuple(same), warnings=(), number_groups=groups)
 
 
 # --------------------------------------------------------------------------- integers
@@ -765,3 +779,49 @@ def test_tokens_from_the_environment_or_a_file_give_no_warning(tmp_path: Path) -
     )
     path.chmod(0o644)
     assert load_config(str(path), {"TOKEN_B": "PTfrom-env"}).warnings == ()
+
+
+# --------------------------------------------------------------------------- insight dimensions
+
+
+def test_max_countries(tmp_path: Path) -> None:
+    assert load(tmp_path, "limits:\n  max_countries: 5\n" + PROJECT).max_countries == 5
+    assert "limits.max_countries: must be at least 1" in error(
+        tmp_path, "limits:\n  max_countries: 0\n" + PROJECT
+    )
+
+
+@pytest.mark.parametrize(
+    ("groups", "key", "what"),
+    [
+        ("[otp]", "number_groups", "mapping of group name to numbers"),
+        ("\n  OTP: ['+15551230000']", "number_groups.OTP", "[a-z0-9_-]+"),
+        ("\n  ungrouped: ['+15551230000']", "number_groups.ungrouped", "reserved"),
+        ("\n  other: ['+15551230000']", "number_groups.other", "reserved"),
+        ("\n  otp: '+15551230000'", "number_groups.otp", "non-empty list"),
+        ("\n  otp: []", "number_groups.otp", "non-empty list"),
+        ("\n  otp: ['5551230000']", "number_groups.otp[0]", "neither an E.164 number"),
+        ("\n  otp: ['+1 555 123 0000']", "number_groups.otp[0]", "neither an E.164 number"),
+        ("\n  otp: ['+0123']", "number_groups.otp[0]", "neither an E.164 number"),
+        ("\n  otp: ['12']", "number_groups.otp[0]", "neither an E.164 number"),
+        (
+            "\n  otp: ['+15551230000']\n  marketing: ['72345', '+15551230000']",
+            "number_groups.marketing[1]",
+            "+15551230000 is also in group 'otp'",
+        ),
+    ],
+)
+def test_bad_number_groups_are_one_clear_line(
+    tmp_path: Path, groups: str, key: str, what: str
+) -> None:
+    message = error(tmp_path, f"number_groups: {groups}\n" + PROJECT)
+    assert f": {key}: " in message and what in message, message
+
+
+def test_number_groups_take_short_codes_unquoted_and_variables(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "number_groups:\n  marketing: [72345, '${OWN}']\n" + PROJECT,
+        {"OWN": "+15557650000"},
+    )
+    assert config.number_groups == {"marketing": ("72345", "+15557650000")}

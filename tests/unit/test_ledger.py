@@ -54,9 +54,21 @@ def msg(
     error_message: str | None = None,
     segments: int = 1,
     charge_nano: int = 4_150_000,
+    remote: str = "+12125550100",
+    own: str = "+15551230000",
 ) -> Message:
     return Message(
-        id, created, direction, kind, status, error_code, error_message, segments, charge_nano
+        id,
+        created,
+        direction,
+        kind,
+        status,
+        error_code,
+        error_message,
+        segments,
+        charge_nano,
+        remote,
+        own,
     )
 
 
@@ -645,3 +657,122 @@ def test_no_catch_up_step_while_the_head_listings_keep_up() -> None:
     # After an outage the backlog is stepped through from the cursor.
     step = ledger.catch_up_step(now + 7200)
     assert step is not None and step.created_after == ledger.state.cursor - LISTING_SLACK
+
+
+# ---------------------------------------------------------------- countries and number groups
+
+
+def by_country(ledger: Ledger) -> dict[tuple[str, str, str, str], tuple[int, int]]:
+    return {k: (v.messages, v.charge_nano) for k, v in ledger.state.by_country.items()}
+
+
+def by_group(ledger: Ledger) -> dict[tuple[str, str, str, str], tuple[int, int]]:
+    return {k: (v.messages, v.charge_nano) for k, v in ledger.state.by_group.items()}
+
+
+def test_a_settled_message_counts_under_its_country_and_number_group() -> None:
+    ledger = new_ledger(number_groups={"+15551230000": "otp", "72345": "marketing"})
+    poll(
+        ledger,
+        T0 + 10,
+        msg("a", "delivered", remote="+14165550100", own="+15551230000"),
+        msg("b", "failed", remote="+447700012345", own="72345", charge_nano=0),
+        msg("c", "received", direction="inbound", remote="+18765550100", own="+15559990000"),
+        msg("d", "delivered", remote="72000", own="+15551230000"),  # to a short code
+    )
+    assert by_country(ledger) == {
+        ("outbound-api", "sms", "delivered", "CA"): (1, 4_150_000),
+        ("outbound-api", "sms", "failed", "GB"): (1, 0),
+        ("inbound", "sms", "received", "JM"): (1, 4_150_000),
+        ("outbound-api", "sms", "delivered", "unknown"): (1, 4_150_000),
+    }
+    assert by_group(ledger) == {
+        ("outbound-api", "sms", "delivered", "otp"): (2, 8_300_000),
+        ("outbound-api", "sms", "failed", "marketing"): (1, 0),
+        ("inbound", "sms", "received", "ungrouped"): (1, 4_150_000),
+    }
+
+
+def test_the_numbers_of_the_settling_record_count_not_those_first_seen() -> None:
+    ledger = new_ledger(number_groups={"+15551230001": "otp"})
+    poll(ledger, T0 + 10, msg("a", "sent", remote="+12125550100", own="+15551230000"))
+    assert by_country(ledger) == {} and by_group(ledger) == {}
+    poll(ledger, T0 + 20, msg("a", "delivered", remote="+14165550100", own="+15551230001"))
+    assert by_country(ledger) == {("outbound-api", "sms", "delivered", "CA"): (1, 4_150_000)}
+    assert by_group(ledger) == {("outbound-api", "sms", "delivered", "otp"): (1, 4_150_000)}
+
+
+def test_a_message_settled_by_the_timeout_counts_under_its_last_record() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "sent", remote="+4915112345678"))
+    poll(ledger, T0 + TIMEOUT + 20, gone=("a",))
+    assert by_country(ledger) == {("outbound-api", "sms", "sent", "DE"): (1, 4_150_000)}
+    assert by_group(ledger) == {("outbound-api", "sms", "sent", "ungrouped"): (1, 4_150_000)}
+
+
+def test_countries_past_the_cap_are_other_and_unknown_does_not_use_it() -> None:
+    ledger = new_ledger(max_countries=2)
+    poll(
+        ledger,
+        T0 + 10,
+        msg("a", "delivered", remote="+14165550100"),
+        msg("u", "delivered", remote="x"),
+    )
+    poll(ledger, T0 + 20, msg("b", "delivered", remote="+447700012345"))
+    poll(
+        ledger,
+        T0 + 30,
+        msg("c", "delivered", remote="+4915112345678"),
+        msg("d", "failed", remote="+33612345678"),
+        msg("e", "delivered", remote="+14165550199"),  # an admitted country stays itself
+    )
+    assert by_country(ledger) == {
+        ("outbound-api", "sms", "delivered", "CA"): (2, 8_300_000),
+        ("outbound-api", "sms", "delivered", "unknown"): (1, 4_150_000),
+        ("outbound-api", "sms", "delivered", "GB"): (1, 4_150_000),
+        ("outbound-api", "sms", "delivered", "other"): (1, 4_150_000),
+        ("outbound-api", "sms", "failed", "other"): (1, 4_150_000),
+    }
+    # The cap holds across restarts: admitted countries are those already counted.
+    restarted = Ledger(ledger.rules, copy.deepcopy(ledger.state))
+    poll(restarted, T0 + 40, msg("f", "delivered", remote="+819012345678"))
+    assert ("outbound-api", "sms", "delivered", "JP") not in restarted.state.by_country
+    assert restarted.state.by_country[("outbound-api", "sms", "delivered", "other")].messages == 2
+
+
+def test_new_label_values_map_alike_in_every_counter() -> None:
+    ledger = new_ledger()
+    statuses = [f"new-{i}" for i in range(MAX_NEW_LABEL_VALUES + 2)]
+    final = SettleConfig(timeout=TIMEOUT, final_statuses=frozenset(statuses))
+    ledger = new_ledger(settle=final)
+    poll(ledger, T0 + 10, *(msg(str(i), s) for i, s in enumerate(statuses)))
+    assert {k[2] for k in ledger.state.by_country} == {k[2] for k in ledger.state.totals}
+    assert {k[2] for k in ledger.state.by_group} == {k[2] for k in ledger.state.totals}
+    assert OTHER_LABEL_VALUE in {k[2] for k in ledger.state.totals}
+
+
+def test_oldest_pending_per_label_set_follows_settlements() -> None:
+    ledger = new_ledger()
+    poll(
+        ledger,
+        T0 + 140,
+        msg("a", "sent", created=T0 + 55),
+        msg("b", "sent", created=T0 + 130),
+        msg("c", "queued", created=T0 + 90),
+        msg("d", "sent", created=T0 + 60, kind="mms"),
+    )
+    assert ledger.pending_oldest() == {
+        ("outbound-api", "sms", "sent"): T0 + 55,
+        ("outbound-api", "sms", "queued"): T0 + 90,
+    }  # the MMS settled on "sent"
+    poll(
+        ledger, T0 + 145, msg("a", "delivered", created=T0 + 55), msg("c", "sent", created=T0 + 90)
+    )
+    assert ledger.pending_oldest() == {("outbound-api", "sms", "sent"): T0 + 90}
+    poll(
+        ledger,
+        T0 + 150,
+        msg("b", "delivered", created=T0 + 130),
+        msg("c", "failed", created=T0 + 90),
+    )
+    assert ledger.pending_oldest() == {}

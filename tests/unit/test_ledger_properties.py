@@ -12,22 +12,37 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import SettleConfig
-from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, Rules
+from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, Rules, Totals
 from exporter.records import InvalidRecord, parse_message, parse_records
 from exporter.simulator import Simulator, TrafficProfile, random_message_args
+from tests.helpers import own_of, remote_of, true_country
 from tests.unit.test_ledger import reference_plan
 
 T0 = 1_800_000_000
 TIMEOUT = 120.0
 PROJECT = "p"
 PROFILE = TrafficProfile(max_delay=TIMEOUT / 2, never_receipted=0.1)
+GROUPS = {"+15551230000": "otp", "72345": "marketing"}
 RULES = Rules(
     settle=SettleConfig(timeout=TIMEOUT),
     poll_interval=10.0,
     failure_ratio_window=60.0,
     max_error_codes=50,
     page_size=5,
+    number_groups=GROUPS,
 )
+
+
+def summed(
+    totals: dict[tuple[str, str, str, str], Totals],
+) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """Messages and charge by direction, kind and status, summed over the fourth label."""
+    sums: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for (d, k, s, _), t in totals.items():
+        n, c = sums.get((d, k, s), (0, 0))
+        sums[(d, k, s)] = (n + t.messages, c + t.charge_nano)
+    return sums
+
 
 operations = st.lists(
     st.one_of(
@@ -105,6 +120,14 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             key = (p.message.direction, p.message.kind, p.message.status)
             recount[key] = recount.get(key, 0) + 1
         assert ledger.pending_by_labels() == recount
+        oldest: dict[tuple[str, str, str], float] = {}
+        for p in ledger.state.pending.values():
+            key = (p.message.direction, p.message.kind, p.message.status)
+            oldest[key] = min(oldest.get(key, math.inf), p.message.created_at)
+        assert ledger.pending_oldest() == oldest
+        # Summed over country, or over number group: the message counters, after every poll.
+        assert summed(ledger.state.by_country) == summed(ledger.state.totals)
+        assert summed(ledger.state.by_group) == summed(ledger.state.totals)
         # The plan, from the ledger's index of pending messages, agrees with the tiers in full.
         plan, expected = ledger.plan(now[0]), reference_plan(ledger, now[0])
         assert plan.listings == expected.listings and plan.timeout_due == expected.timeout_due
@@ -139,3 +162,17 @@ def test_totals_equal_ground_truth_for_any_interleaving(
     got = {k: (v.messages, v.segments, v.charge_nano) for k, v in ledger.state.totals.items()}
     assert got == expected
     assert math.isclose(sum(v[0] for v in got.values()), len(settled_ids))
+    for dimension, by in (
+        (ledger.state.by_country, lambda m: true_country(remote_of(m))),
+        (ledger.state.by_group, lambda m: GROUPS.get(own_of(m), "ungrouped")),
+    ):
+        want = sim.expected_totals(
+            PROJECT,
+            final_statuses=RULES.settle.final_statuses,
+            final_statuses_by_kind=RULES.settle.final_statuses_by_kind,
+            settle_timeout=TIMEOUT,
+            start_point=T0,
+            now=now[0],
+            by=by,
+        )
+        assert {k: (v.messages, v.segments, v.charge_nano) for k, v in dimension.items()} == want

@@ -206,3 +206,27 @@ def test_a_settled_id_is_skipped_even_when_its_record_lacks_a_field() -> None:
     lacking = {k: v for k, v in GOOD.items() if k != "charge"}
     assert parse_page([lacking], skip={"a1b2"}) == []
     assert parse_page([lacking]) == parse_each([lacking])
+
+
+@pytest.mark.parametrize(
+    ("direction", "remote", "own"),
+    [
+        ("outbound-api", "+14165550100", "+15551230000"),  # to the remote party, from our number
+        ("outbound-reply", "+14165550100", "+15551230000"),
+        ("inbound", "+15551230000", "+14165550100"),  # from the remote party, to our number
+    ],
+)
+def test_remote_and_own_numbers_follow_the_direction(direction: str, remote: str, own: str) -> None:
+    record = {**GOOD, "direction": direction, "to": "+14165550100", "from": "+15551230000"}
+    for message in (parse_message(record), _parse_checked(record)):
+        assert (message.remote, message.own) == (remote, own)
+
+
+@pytest.mark.parametrize("odd", [None, 15551230000, ["+1555"], {}])
+def test_a_missing_or_odd_number_costs_only_the_country_and_group(odd: Any) -> None:
+    record = {**GOOD, "to": odd, "from": "+15551230000"}
+    for message in (parse_message(record), parse_page([{**record, "charge": 1}])[0]):
+        assert isinstance(message, Message)
+        assert (message.remote, message.own) == ("", "+15551230000")
+    without = {k: v for k, v in GOOD.items() if k not in ("to", "from")}
+    assert (parse_message(without).remote, parse_message(without).own) == ("", "")

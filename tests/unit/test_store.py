@@ -43,6 +43,8 @@ def message(
     error_message: str | None = None,
     segments: int = 1,
     charge_nano: int = 4_150_000,
+    remote: str = "+14165550100",
+    own: str = "+15551230000",
 ) -> Message:
     return Message(
         message_id,
@@ -54,6 +56,8 @@ def message(
         error_message,
         segments,
         charge_nano,
+        remote,
+        own,
     )
 
 
@@ -91,6 +95,8 @@ def assert_same_state(actual: LedgerState, expected: LedgerState) -> None:
     assert actual.pending == expected.pending
     assert actual.settled == expected.settled
     assert actual.totals == expected.totals
+    assert actual.by_country == expected.by_country
+    assert actual.by_group == expected.by_group
     assert actual.error_info == expected.error_info
     assert actual.window == expected.window
 
@@ -153,6 +159,16 @@ def full_delta() -> PollDelta:
             ("inbound", "sms", "received", ""): Totals(1, 1, 4_150_000),
             ("outbound-api", "sms", "undelivered", "30003"): Totals(1, 2, 0),
         },
+        by_country={
+            ("outbound-api", "sms", "delivered", "CA"): Totals(2, 3, 8_300_000),
+            ("inbound", "sms", "received", "unknown"): Totals(1, 1, 4_150_000),
+            ("outbound-api", "sms", "undelivered", "GB"): Totals(1, 2, 0),
+        },
+        by_group={
+            ("outbound-api", "sms", "delivered", "otp"): Totals(2, 3, 8_300_000),
+            ("inbound", "sms", "received", "ungrouped"): Totals(1, 1, 4_150_000),
+            ("outbound-api", "sms", "undelivered", "otp"): Totals(1, 2, 0),
+        },
         pending_upserts={"a": pending_a, "b": pending_b},
         pending_removed=set(),
         prune_settled_before=NOW - 1000,
@@ -178,6 +194,10 @@ def test_commit_load_round_trip_of_every_part(store: Store, path: str) -> None:
     assert state.pending["a"].message.error_message is None
     assert state.settled == delta.settled_ids
     assert state.totals == delta.totals
+    assert state.by_country == delta.by_country
+    assert state.by_group == delta.by_group
+    assert state.pending["a"].message.remote == "+14165550100"
+    assert state.pending["a"].message.own == "+15551230000"
     assert state.error_info == delta.error_info
     assert state.window == delta.window_add
 
@@ -758,3 +778,109 @@ def test_commits_checkpoint_themselves_when_the_checkpointer_fails(
     s.close()
     assert wal_size(path) == 0
     assert reopened(path).cursor == NOW + 200
+
+
+# --------------------------------------------------------------------------- migration
+
+# The schema of the previous release (version 1), as its files are on disk.
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE project (name TEXT PRIMARY KEY, start_point REAL NOT NULL, cursor REAL NOT NULL);
+CREATE TABLE pending (
+    project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
+    direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    error_code TEXT NOT NULL, error_message TEXT, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL, observed_at REAL NOT NULL,
+    PRIMARY KEY (project, id)) WITHOUT ROWID;
+CREATE TABLE settled (
+    project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (project, id)) WITHOUT ROWID;
+CREATE INDEX settled_by_age ON settled (project, created_at);
+CREATE TABLE totals (
+    project TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    error_code TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL,
+    PRIMARY KEY (project, direction, kind, status, error_code)) WITHOUT ROWID;
+CREATE TABLE error_info (
+    project TEXT NOT NULL, error_code TEXT NOT NULL, error_message TEXT NOT NULL,
+    PRIMARY KEY (project, error_code)) WITHOUT ROWID;
+CREATE TABLE failure_window (
+    project TEXT NOT NULL, second INTEGER NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL,
+    settled INTEGER NOT NULL, failed INTEGER NOT NULL,
+    PRIMARY KEY (project, second, direction, kind)) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO project VALUES ('production', 1789990000.0, 1789999000.0);
+INSERT INTO project VALUES ('staging', 1789990000.0, 1789999500.0);
+INSERT INTO pending VALUES ('production', 'p1', 1789998000.0, 'outbound-api', 'sms', 'sent',
+    '', NULL, 1, 4150000, 1789999000.0);
+INSERT INTO settled VALUES ('production', 's1', 1789998500.0);
+INSERT INTO totals VALUES ('production', 'outbound-api', 'sms', 'delivered', '', 90, 95, 373500000);
+INSERT INTO totals VALUES ('production', 'outbound-api', 'sms', 'failed', '30007', 7, 7, 0);
+INSERT INTO totals VALUES ('production', 'outbound-api', 'sms', 'failed', '30003', 3, 3, 0);
+INSERT INTO totals VALUES ('staging', 'inbound', 'sms', 'received', '', 5, 5, 0);
+INSERT INTO error_info VALUES ('production', '30007', 'Message filtered by carrier');
+"""
+
+
+def version_1_file(path: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_1)
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.commit()
+    conn.close()
+
+
+def test_a_file_of_the_previous_release_is_migrated_and_keeps_its_totals(path: str) -> None:
+    version_1_file(path)
+    with capture_logs() as logs:
+        state = reopened(path)
+    migrated = [e for e in logs if e["event"] == "state file migrated"]
+    assert len(migrated) == 1 and "1 -> 2" in migrated[0]["schema_version"]
+    assert state.cursor == 1789999000.0
+    assert state.totals[("outbound-api", "sms", "failed", "30007")] == Totals(7, 7, 0)
+    assert state.settled == {"s1": 1789998500.0}
+    assert state.pending["p1"].message.status == "sent"
+    assert (state.pending["p1"].message.remote, state.pending["p1"].message.own) == ("", "")
+    # What was counted before has no country or group on record: the sums stay equal.
+    assert state.by_country == {
+        ("outbound-api", "sms", "delivered", "unknown"): Totals(90, 95, 373500000),
+        ("outbound-api", "sms", "failed", "unknown"): Totals(10, 10, 0),
+    }
+    assert state.by_group == {
+        ("outbound-api", "sms", "delivered", "ungrouped"): Totals(90, 95, 373500000),
+        ("outbound-api", "sms", "failed", "ungrouped"): Totals(10, 10, 0),
+    }
+    staging = reopened(path, "staging")
+    assert staging.by_country == {("inbound", "sms", "received", "unknown"): Totals(5, 5, 0)}
+    # Once only: the next start finds version 2.
+    with capture_logs() as logs:
+        again = reopened(path)
+    assert not [e for e in logs if e["event"] == "state file migrated"]
+    assert again.by_country == state.by_country
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    conn.close()
+
+
+def test_a_migrated_file_goes_on_counting(path: str) -> None:
+    version_1_file(path)
+    s = Store(path)
+    try:
+        s.load("production", NOW, 0.0)
+        s.commit(
+            "production",
+            PollDelta(
+                cursor=1789999100.0,
+                totals={KEY: Totals(1, 1, 4_150_000)},
+                by_country={(*KEY[:3], "CA"): Totals(1, 1, 4_150_000)},
+                by_group={(*KEY[:3], "ungrouped"): Totals(1, 1, 4_150_000)},
+                pending_removed={"p1"},
+            ),
+        )
+    finally:
+        s.close()
+    state = reopened(path)
+    assert state.totals[KEY] == Totals(91, 96, 377_650_000)
+    assert state.by_country[(*KEY[:3], "CA")] == Totals(1, 1, 4_150_000)
+    assert state.by_group[(*KEY[:3], "ungrouped")] == Totals(91, 96, 377_650_000)
+    assert state.pending == {}

@@ -473,9 +473,9 @@ class ProjectPoller:
             last_duration=duration,
             last_error=error,
             cursor=state.cursor,
-            totals=_copy(state.totals),
-            by_country=_copy(state.by_country),
-            by_group=_copy(state.by_group),
+            totals=copy_totals(state.totals),
+            by_country=copy_totals(state.by_country),
+            by_group=copy_totals(state.by_group),
             pending=pending,
             pending_oldest=self.ledger.pending_oldest(),
             failure_ratios=self.ledger.failure_ratios(self.clock()),
@@ -486,7 +486,7 @@ class ProjectPoller:
             self.on_publish(self.status)
 
 
-def _copy(totals: dict[LabelKey, Totals]) -> dict[LabelKey, Totals]:
+def copy_totals(totals: dict[LabelKey, Totals]) -> dict[LabelKey, Totals]:
     """A snapshot for the published view: the ledger's Totals change in place."""
     return {k: Totals(v.messages, v.segments, v.charge_nano) for k, v in totals.items()}
 

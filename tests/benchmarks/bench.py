@@ -40,7 +40,7 @@ from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import LabelKey, Ledger, Rules, Totals
 from exporter.logs import configure
 from exporter.metrics import build_registry
-from exporter.poller import Counters, ProjectPoller, ProjectStatus
+from exporter.poller import Counters, ProjectPoller, ProjectStatus, copy_totals
 from exporter.records import InvalidRecord, parse_records
 from exporter.simulator import (
     OWN_NUMBERS,
@@ -494,7 +494,9 @@ def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
 
     json_before = json_loads_cpu()
     store = Store(str(workdir / "ingest.db"))
-    rules = Rules(SettleConfig(timeout=TIMEOUT), POLL, 900.0, 50, PAGE)
+    # Two of the own numbers in a group, as a configuration with number_groups would have them.
+    groups = {OWN_NUMBERS[0]: "otp", OWN_NUMBERS[-1]: "marketing"}
+    rules = Rules(SettleConfig(timeout=TIMEOUT), POLL, 900.0, 50, PAGE, number_groups=groups)
     ledger = Ledger(rules, store.load("ingest", base - 10, 0))
     gc.collect()
     began = time.process_time()
@@ -514,11 +516,11 @@ def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
         ledger.apply(delta)
         ProjectStatus(
             "ingest",
-            totals={
-                k: Totals(v.messages, v.segments, v.charge_nano)
-                for k, v in ledger.state.totals.items()
-            },
+            totals=copy_totals(ledger.state.totals),
+            by_country=copy_totals(ledger.state.by_country),
+            by_group=copy_totals(ledger.state.by_group),
             pending=ledger.pending_by_labels(),
+            pending_oldest=ledger.pending_oldest(),
         )
     pipeline_cpu = time.process_time() - began
     store.close()

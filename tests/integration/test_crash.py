@@ -1,8 +1,10 @@
 """Crash safety of the state file (contract §3 rules 6-8, README "State file"), against the real
 daemon as a subprocess and the simulator over HTTP:
 
-- SIGKILL at 30 random instants (during startup, between polls, in the middle of commits) under
-  live traffic: no message counter is ever seen lower, and once all settles the counts are exact.
+- SIGKILL at 24 random instants (during startup, between polls, in the middle of commits) under
+  live traffic: no message counter (those by country and number group included) is ever seen
+  lower, at every scrape the counters by country and by group sum to the message counters, and
+  once all settles every one of them is exact.
 - A full state filesystem while the daemon runs, and a read-only one at (re)start: polls fail with
   `reason="state"`, nothing uncommitted is shown, and counting resumes exactly once writable again.
 - A state file that is corrupt, truncated, another program's or from a future version: exit 1 with
@@ -45,10 +47,16 @@ from tests.helpers import (
     Daemon,
     Samples,
     Totals,
+    dimension_truth,
+    exported_dimension,
     exported_totals,
     free_port,
     ground_truth,
+    own_of,
+    remote_of,
     select,
+    sums_agree,
+    true_country,
     wait_for,
     write_config,
 )
@@ -64,7 +72,13 @@ COUNTERS = (
     "signalwire_messages_total",
     "signalwire_message_segments_total",
     "signalwire_message_charge_usd_total",
+    "signalwire_messages_by_country_total",
+    "signalwire_message_charge_usd_by_country_total",
+    "signalwire_messages_by_number_group_total",
+    "signalwire_message_charge_usd_by_number_group_total",
 )
+GROUPS = {"otp": ["+15551230000", "+15551230001"], "marketing": ["+15557650000", "72345"]}
+GROUP_OF = {number: name for name, numbers in GROUPS.items() for number in numbers}
 POLL_DONE = re.compile(rb'event="poll (?:finished|recovered)"')
 
 Key = tuple[str, frozenset[tuple[str, str]]]
@@ -96,6 +110,7 @@ def make_config(tmp_path: Path, space: str, state_path: Path, page_size: int = 1
         state_path=str(state_path),
         settle={"timeout": f"{int(SETTLE_TIMEOUT)}s"},
         request={"timeout": "2s", "page_size": page_size},
+        number_groups=GROUPS,
     )
 
 
@@ -128,12 +143,28 @@ def per_project(samples: Samples, name: str, **labels: str) -> dict[str, float]:
 
 
 def exact(daemon: Daemon, simulator: Simulator, start_point: float) -> bool:
+    """Nothing pending, and every counter equal to the ground truth, label set by label set."""
     samples = daemon.scrape()
     return all(
         sum(select(samples, "signalwire_messages_pending", project=p).values()) == 0
         and exported(samples, p) == expected(simulator, p, start_point)
+        and all(
+            approx(exported_dimension(samples, p, dimension))
+            == approx(dimension_truth(simulator, PROJECTS[p][0], start_point, SETTLE_TIMEOUT, by))
+            for dimension, by in (
+                ("country", lambda m: true_country(remote_of(m))),
+                ("number_group", lambda m: GROUP_OF.get(own_of(m), "ungrouped")),
+            )
+        )
         for p in PROJECTS
     )
+
+
+def approx(
+    totals: dict[tuple[str, str, str, str], tuple[int, float]],
+) -> dict[tuple[str, str, str, str], tuple[int, float]]:
+    """Dollars to the nano-dollar, as the exposition's floats carry them."""
+    return {k: (n, round(usd, 9)) for k, (n, usd) in totals.items()}
 
 
 class Watermarks:
@@ -159,6 +190,8 @@ class Watermarks:
             assert not missing, f"{context}: counters vanished once ready: {sorted(missing)}"
         for key, value in current.items():
             self.highest[key] = max(value, self.highest.get(key, 0.0))
+        for project in PROJECTS:
+            assert sums_agree(samples, project), f"{context}: {project}: sums differ\n{samples}"
         self.scrapes += 1
         return samples
 

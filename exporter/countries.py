@@ -14,8 +14,6 @@ of the ingest. So its answer is kept for each prefix that decides it:
 
 from __future__ import annotations
 
-import re
-
 import phonenumbers
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
@@ -26,40 +24,38 @@ DECIDING_DIGITS = 6
 # numbers arrive (a day of NANP traffic uses a few thousand).
 MAX_PREFIXES = 100_000
 
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
-_by_prefix: dict[str, str] = {}
+_by_prefix: dict[tuple[str, int], str] = {}
 
 
 def country_of(number: str) -> str:
     """ISO 3166-1 alpha-2 region of an E.164 number; "unknown" for anything else (short codes,
     alphanumeric senders, unassigned or non-geographic country codes, garbage)."""
-    if number[:1] == "+":
-        for size in (2, 3, 4):  # country codes are one to three digits, and prefix-free
-            code = number[1:size]
-            if code in _CODES:
-                region = _CODES[code]
-                if region is not None:  # a national number is at least two digits
-                    valid = len(number) >= size + 2 and _E164.fullmatch(number)
-                    return region if valid else UNKNOWN
-                key = number[: size + DECIDING_DIGITS] + "/" + str(len(number))
-                return _cached(key, number)
-    return _cached(number, number)  # not a number with a known country code: cached whole
-
-
-def _cached(key: str, number: str) -> str:
-    found = _by_prefix.get(key)
-    if found is None:
-        if len(_by_prefix) >= MAX_PREFIXES:
-            _by_prefix.clear()
-        found = _by_prefix[key] = _resolve(number)
-    elif found != UNKNOWN and not _E164.fullmatch(number):
-        return UNKNOWN  # the key matched but the rest of the number is not digits
-    return found
+    # E.164: "+", a first digit that is not 0, at most 15 digits in all (and at least two).
+    if not (
+        number[:1] == "+"
+        and number[1:2] != "0"
+        and 3 <= len(number) <= 16
+        and number.isascii()
+        and number[1:].isdigit()
+    ):
+        return UNKNOWN
+    for size in (2, 3, 4):  # country codes are one to three digits, and prefix-free
+        region = _CODES.get(number[1:size])
+        if region is None:
+            continue
+        if region:  # the code's only region; a national number is at least two digits
+            return region if len(number) >= size + 2 else UNKNOWN
+        key = (number[: size + DECIDING_DIGITS], len(number))
+        found = _by_prefix.get(key)
+        if found is None:
+            if len(_by_prefix) >= MAX_PREFIXES:
+                _by_prefix.clear()
+            found = _by_prefix[key] = _resolve(number)
+        return found
+    return UNKNOWN  # an unassigned country code
 
 
 def _resolve(number: str) -> str:
-    if not _E164.fullmatch(number):
-        return UNKNOWN
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:
@@ -74,8 +70,8 @@ def _region(region: str | None) -> str:
     return region
 
 
-# Country code (as written) -> its region, or None when several regions share it.
-_CODES: dict[str, str | None] = {
-    str(code): (_region(regions[0]) if len(regions) == 1 else None)
+# Country code (as written) -> its only region, or "" when several regions share it.
+_CODES: dict[str, str] = {
+    str(code): (_region(regions[0]) if len(regions) == 1 else "")
     for code, regions in COUNTRY_CODE_TO_REGION_CODE.items()
 }

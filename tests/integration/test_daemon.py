@@ -11,15 +11,28 @@ from pathlib import Path
 import pytest
 import requests
 
-from exporter.simulator import Simulator, SimulatorServer, Step, TrafficGenerator, TrafficProfile
+from exporter.simulator import (
+    SimMessage,
+    Simulator,
+    SimulatorServer,
+    Step,
+    TrafficGenerator,
+    TrafficProfile,
+)
 from tests.helpers import (
     Daemon,
     Samples,
     Totals,
+    dimension_truth,
+    exported_dimension,
     exported_totals,
     ground_truth,
+    own_of,
     pending_total,
+    remote_of,
     select,
+    sums_agree,
+    true_country,
     wait_for,
     write_config,
 )
@@ -31,6 +44,8 @@ PROJECTS = {
     "alpha": ("11111111-aaaa", "PTalpha-secret-token"),
     "beta": ("22222222-bbbb", "PTb-tok"),
 }
+GROUPS = {"otp": ["+15551230000", "+15551230001"], "marketing": ["72345"]}
+GROUP_OF = {number: name for name, numbers in GROUPS.items() for number in numbers}
 
 
 @pytest.fixture
@@ -58,6 +73,7 @@ def config_for(tmp_path: Path, base_url: str, **settings: object) -> Path:
         "state_path": "state/exporter.db",
         "settle": {"timeout": f"{int(TIMEOUT)}s"},
         "request": {"timeout": "1s", "page_size": 3},
+        "number_groups": GROUPS,
     }
     values.update(settings)
     return write_config(tmp_path / "config.yaml", projects, **values)
@@ -76,10 +92,33 @@ def pending(samples: Samples, project: str) -> float:
 
 
 def settled_exactly(daemon: Daemon, simulator: Simulator, start_point: float) -> bool:
+    """Nothing pending; every counter, by error code, country and number group, equal to the
+    ground truth label set by label set; and the sums of the last two those of the first."""
     samples = daemon.scrape()
+    for p in PROJECTS:
+        assert sums_agree(samples, p), p
     return all(
-        pending(samples, p) == 0 and exported(samples, p) == expected(simulator, p, start_point)
+        pending(samples, p) == 0
+        and exported(samples, p) == expected(simulator, p, start_point)
+        and dimension(samples, "country", simulator, p, start_point)
+        and dimension(samples, "number_group", simulator, p, start_point)
         for p in PROJECTS
+    )
+
+
+def dimension(
+    samples: Samples, name: str, simulator: Simulator, project: str, start_point: float
+) -> bool:
+    def by(message: SimMessage) -> str:
+        if name == "country":
+            return true_country(remote_of(message))
+        return GROUP_OF.get(own_of(message), "ungrouped")
+
+    want = dimension_truth(simulator, PROJECTS[project][0], start_point, TIMEOUT, by)
+    have = exported_dimension(samples, project, name)
+    return have.keys() == want.keys() and all(
+        have[k][0] == want[k][0] and math.isclose(have[k][1], want[k][1], abs_tol=1e-9)
+        for k in want
     )
 
 
@@ -335,6 +374,10 @@ def test_restart_continues_counters(sim: tuple[Simulator, str], tmp_path: Path) 
         ),
     )
     wait_for(lambda: daemon.scrape().get(key) == 12, 10, "12 delivered")
+    insight = insight_counters(daemon.scrape())
+    assert (
+        sum(v for (name, _), v in insight.items() if name.startswith("signalwire_messages")) == 24
+    )
     assert daemon.terminate() == 0
     simulator.add_message(
         PROJECTS["alpha"][0],
@@ -345,6 +388,15 @@ def test_restart_continues_counters(sim: tuple[Simulator, str], tmp_path: Path) 
         timeline=[Step(0, "delivered", charge=0.01)],
     )
     daemon = Daemon(config, tmp_path).start()
-    assert daemon.scrape()[key] >= 12  # continues, no reset
+    restarted = daemon.scrape()
+    assert restarted[key] >= 12  # continues, no reset
+    assert all(restarted[k] >= v for k, v in insight.items())  # so do those by country and group
     wait_for(lambda: daemon.scrape().get(key) == 13, 10, "13 delivered after restart")
+    assert sums_agree(daemon.scrape(), "alpha")
     assert daemon.terminate() == 0
+
+
+def insight_counters(samples: Samples) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        k: v for k, v in samples.items() if "_by_country_" in k[0] or "_by_number_group_" in k[0]
+    }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -85,3 +87,10 @@ def test_the_table_cannot_be_changed() -> None:
         ERROR_CODES["30007"] = ERROR_CODES["30008"]  # type: ignore[index]
     with pytest.raises(dataclasses.FrozenInstanceError):
         ERROR_CODES["30007"].category = "unknown"  # type: ignore[misc]
+
+
+def test_the_documented_table_is_the_modules() -> None:
+    """docs/insights.md lists every code with its category, and no code the module lacks."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "insights.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| `([a-z_]+)` \|", text, re.MULTILINE))
+    assert rows == {code: entry.category for code, entry in ERROR_CODES.items()}

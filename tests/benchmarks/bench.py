@@ -29,15 +29,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import requests
 import yaml
 
 from exporter.client import _decode as decode
 from exporter.config import Config, ProjectConfig, SettleConfig
-from exporter.ledger import LabelKey, Ledger, Rules, Totals
+from exporter.ledger import Batch, LabelKey, Ledger, Rules, Totals
 from exporter.logs import configure
 from exporter.metrics import build_registry
 from exporter.poller import Counters, ProjectPoller, ProjectStatus, copy_totals
@@ -76,6 +78,7 @@ TARGETS = {
     "catch_up_largest_peak_rss_mb": ("<=", 150.0),
     "daemon_peak_rss_mb": ("<=", 150.0),
     "ingest_cpu_ratio_to_json_loads": ("<=", 1.5),
+    "ingest_cpu_countries_over_without": ("<=", 1.10),
     "metrics_render_median_ms": ("<=", 25.0),
     "scrape_p99_ratio_polling_to_idle": ("<=", 2.0),
     "startup_to_ready_s": ("<=", 2.0),
@@ -448,8 +451,18 @@ class socket_port:
         self.sock.close()
 
 
-def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
-    """CPU of the whole ingest path over the CPU of json.loads alone, on the same bytes."""
+def ingest_ratio(records: int, workdir: Path, insight: bool = True) -> tuple[float, float, float]:
+    """CPU of the whole ingest path over the CPU of json.loads alone, on the same bytes.
+
+    With `insight` false, the counters by country and number group and the oldest pending
+    message are left out (patched away here only: the exporter has no such switch), which is
+    the ingest path as it was before them."""
+    if not insight:
+        with (
+            mock.patch.object(Batch, "_dimensions", lambda *_: None),
+            mock.patch.object(Ledger, "pending_oldest", lambda _: {}),
+        ):
+            return ingest_ratio(records, workdir, insight=True)
     rng = random.Random(3)
     pages: list[bytes] = []
     base = 1_800_000_000
@@ -492,6 +505,10 @@ def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
             json.loads(page)
         return time.process_time() - began
 
+    # The daemon keeps what it imported and loaded out of garbage collection (gc.freeze): so do
+    # both measurements here.
+    gc.collect()
+    gc.freeze()
     json_before = json_loads_cpu()
     store = Store(str(workdir / "ingest.db"))
     # Two of the own numbers in a group, as a configuration with number_groups would have them.
@@ -526,6 +543,7 @@ def ingest_ratio(records: int, workdir: Path) -> tuple[float, float, float]:
     store.close()
     # The decoder's time drifts with the machine's state: time it before and after the pipeline.
     json_cpu = (json_before + json_loads_cpu()) / 2
+    gc.unfreeze()
     return pipeline_cpu / json_cpu, pipeline_cpu, json_cpu
 
 
@@ -601,8 +619,13 @@ def figures(
     ready, rss = daemon_start(result, workdir)
     result.simulator = None  # free the day before timing CPU
     gc.collect()
-    progress(f"ingest CPU: {ingest_records:,} records")
-    ratio, pipeline_cpu, json_cpu = ingest_ratio(ingest_records, workdir)
+    progress(f"ingest CPU: {ingest_records:,} records, with and without countries and groups")
+    # Alternated, the least of two each: the machine's speed drifts between runs.
+    runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    for insight in (True, False, True, False):
+        runs[insight].append(ingest_ratio(ingest_records, workdir, insight))
+    ratio, pipeline_cpu, json_cpu = min(runs[True], key=itemgetter(1))
+    cpu_without = min(run[1] for run in runs[False])
     progress(f"scrape latency: the daemon takes in {scrape_backlog:,} messages")
     scrapes = scrape_latency(workdir, scrape_backlog, idle_scrapes)
     idle = percentile(scrapes.idle_ms, 0.99)
@@ -642,6 +665,8 @@ def figures(
         "ingest_cpu_s": pipeline_cpu,
         "json_loads_cpu_s": json_cpu,
         "ingest_cpu_ratio_to_json_loads": ratio,
+        "ingest_cpu_s_without_countries": cpu_without,
+        "ingest_cpu_countries_over_without": pipeline_cpu / cpu_without,
         "metrics_render_median_ms": render_ms(result.totals, 10),
         "scrape_idle_p99_ms": idle,
         "scrape_polling_p99_ms": busy,

@@ -94,6 +94,8 @@ class DayResult:
     delays: list[float] = field(default_factory=list)  # settlement delay, seconds
     commit_ms: list[tuple[float, float]] = field(default_factory=list)  # (virtual time, ms)
     totals: dict[LabelKey, Totals] = field(default_factory=dict)
+    by_country: dict[LabelKey, Totals] = field(default_factory=dict)
+    by_group: dict[LabelKey, Totals] = field(default_factory=dict)
     cpu_s: float = 0.0
     state_path: str = ""
     simulator: Simulator | None = None
@@ -114,6 +116,7 @@ def config_for(state_path: str, base: str = BASE, poll: float = POLL) -> Config:
         settle=SettleConfig(timeout=TIMEOUT),
         page_size=PAGE,
         request_timeout=30.0,
+        number_groups={"otp": OWN_NUMBERS[:2], "marketing": OWN_NUMBERS[-1:]},
         source="<bench>",
     )
 
@@ -187,6 +190,8 @@ def busy_day(
     assert poller.ledger is not None
     result.pending_left = len(poller.ledger.state.pending)
     result.totals = dict(poller.ledger.state.totals)
+    result.by_country = dict(poller.ledger.state.by_country)
+    result.by_group = dict(poller.ledger.state.by_group)
     if in_window:
         result.window_requests += simulator.requests_total
     for message_id, when in settled_at.items():
@@ -551,7 +556,7 @@ def invalid(error: InvalidRecord) -> None:
     raise AssertionError(f"the benchmark's records are valid: {error}")
 
 
-def render_ms(totals: dict[LabelKey, Totals], projects: int) -> float:
+def render_ms(day: DayResult, projects: int) -> float:
     """Median time to render /metrics for `projects` projects with the day's label sets."""
     statuses = [
         ProjectStatus(
@@ -561,7 +566,9 @@ def render_ms(totals: dict[LabelKey, Totals], projects: int) -> float:
             last_success=1.0,
             last_duration=1.0,
             cursor=1.0,
-            totals=totals,
+            totals=day.totals,
+            by_country=day.by_country,
+            by_group=day.by_group,
             pending={("outbound-api", "sms", s): 10 for s in ("queued", "sent")},
             failure_ratios={("outbound-api", "sms"): 0.04, ("inbound", "sms"): 0.0},
             error_info={"30007": "Carrier violation", "21610": "Unsubscribed recipient"},
@@ -667,7 +674,7 @@ def figures(
         "ingest_cpu_ratio_to_json_loads": ratio,
         "ingest_cpu_s_without_countries": cpu_without,
         "ingest_cpu_countries_over_without": pipeline_cpu / cpu_without,
-        "metrics_render_median_ms": render_ms(result.totals, 10),
+        "metrics_render_median_ms": render_ms(result, 10),
         "scrape_idle_p99_ms": idle,
         "scrape_polling_p99_ms": busy,
         "scrape_p99_ratio_polling_to_idle": busy / idle,
@@ -711,9 +718,9 @@ def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[
             }
         )
     progress("render time by number of projects")
-    totals = busy_day(DayProfile(messages=sizes[0]), workdir / "p").totals
+    day = busy_day(DayProfile(messages=sizes[0]), workdir / "p")
     for projects in (1, 10, 100):
-        rows.append({"projects": projects, "metrics_render_median_ms": render_ms(totals, projects)})
+        rows.append({"projects": projects, "metrics_render_median_ms": render_ms(day, projects)})
     return rows
 
 

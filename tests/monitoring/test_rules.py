@@ -3,8 +3,9 @@
 promtool validates the rule files and the Prometheus configuration and runs the unit tests in
 deploy/prometheus/tests/; amtool validates the Alertmanager configuration and its routing; a real
 Alertmanager shows the inhibitions at work. The static checks keep the files honest: every alert
-has a promtool test that sees it fire and one that sees it quiet, and every metric the rules read is
-one the exporter exports (docs: the README's metrics table) or a rule defined here.
+has a promtool test that sees it fire and one that sees it quiet, and a runbook entry where its
+runbook_url points; every metric the rules read is one the exporter exports (docs: the README's
+metrics table) or a rule defined here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import CONTRACT_METRICS, ROOT, free_port, wait_for
+from tests.helpers import ROOT, free_port, wait_for
+from tests.monitoring.test_dashboard import EXPORTED_METRICS as EXPORTER_METRICS
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "signalwire.rules.yml"
@@ -31,11 +33,14 @@ PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 
-RUNBOOK = "https://github.com/signalwire-exporter/signalwire-exporter/blob/main/README.md#"
+# runbook_url is RUNBOOK_BASE + one of RUNBOOK_DOCUMENTS + "#" + the alert's name in lower case (the
+# anchor GitHub gives a `### AlertName` heading).
+RUNBOOK_BASE = "https://github.com/signalwire-exporter/signalwire-exporter/blob/main/"
+RUNBOOK_DOCUMENTS = ("README.md", "docs/runbook-insights.md")
 SEVERITIES = {"critical", "warning", "info"}
 
-# The exporter's metrics (contract §4), plus Prometheus's own `up`.
-EXPORTED_METRICS = CONTRACT_METRICS | {"up"}
+# The exporter's metrics, plus Prometheus's own `up`.
+EXPORTED_METRICS = EXPORTER_METRICS | {"up"}
 
 # PromQL words that look like identifiers but are not metric names.
 PROMQL_KEYWORDS = {
@@ -116,6 +121,12 @@ def template_queries(text: str) -> list[str]:
     """The PromQL queries in an annotation's `printf "..." | query` templates."""
     literals = re.findall(r'printf\s+"((?:[^"\\]|\\.)*)"', text)
     return [literal.replace('\\"', '"') for literal in literals]
+
+
+def runbook_entries(document: str) -> set[str]:
+    """The alerts a document has a runbook for: its `### SignalWire...` headings."""
+    text = (ROOT / document).read_text(encoding="utf-8")
+    return set(re.findall(r"(?m)^### (SignalWire\w+)[ \t]*$", text))
 
 
 def rule_tests() -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -228,7 +239,21 @@ def test_alerts_follow_the_conventions() -> None:
         assert rule["labels"]["severity"] in SEVERITIES, name
         annotations = rule["annotations"]
         assert {"summary", "description", "runbook_url"} <= set(annotations), name
-        assert annotations["runbook_url"] == RUNBOOK + name.lower(), name
+        urls = {f"{RUNBOOK_BASE}{document}#{name.lower()}" for document in RUNBOOK_DOCUMENTS}
+        assert annotations["runbook_url"] in urls, name
+
+
+def test_every_alert_has_one_runbook_entry_where_its_url_points() -> None:
+    entries = {document: runbook_entries(document) for document in RUNBOOK_DOCUMENTS}
+    names = {rule["alert"] for rule in alerts()}
+    for rule in alerts():
+        name = rule["alert"]
+        document = rule["annotations"]["runbook_url"].removeprefix(RUNBOOK_BASE).split("#")[0]
+        assert name in entries.get(document, set()), f"{name}: no '### {name}' in {document}"
+        holders = [document for document, found in entries.items() if name in found]
+        assert len(holders) == 1, f"{name}: a runbook entry in each of {holders}"
+    documented = set().union(*entries.values())
+    assert documented - names == set(), "runbook entries of alerts that do not exist"
 
 
 def test_alertmanager_inhibitions_name_existing_alerts() -> None:
@@ -323,6 +348,36 @@ def test_alertmanager_inhibits_symptoms_of_a_blind_exporter(alertmanager: str) -
             "project": "billing",
             **other,
         },
+        "late": {
+            "alertname": "SignalWireReceiptsLate",
+            "severity": "warning",
+            "project": "billing",
+            "direction": "outbound-api",
+            "kind": "sms",
+            "status": "sent",
+            **other,
+        },
+        "behind": {
+            "alertname": "SignalWireExporterBehind",
+            "severity": "warning",
+            "project": "marketing",
+            **other,
+        },
+        "volume": {
+            "alertname": "SignalWireOutboundVolumeBelowLastWeek",
+            "severity": "warning",
+            "project": "marketing",
+            "direction": "outbound-api",
+            "kind": "sms",
+            **other,
+        },
+        "country": {
+            "alertname": "SignalWireCountryFailureRatioHigh",
+            "severity": "warning",
+            "project": "marketing",
+            "country": "GB",
+            **other,
+        },
     }
     now = datetime.now(UTC)
     body = [
@@ -353,6 +408,10 @@ def test_alertmanager_inhibits_symptoms_of_a_blind_exporter(alertmanager: str) -
         "stale": "suppressed",  # polls of the same project fail
         "other_stale": "active",
         "spend": "active",  # real money, whatever the polls do
+        "late": "suppressed",  # pending messages are not refreshed while polls fail
+        "behind": "active",
+        "volume": "suppressed",  # catching up: the hour's messages are counted late
+        "country": "active",  # the counts are late, not wrong
     }
     try:
         wait_for(lambda: states() == expected, 15, "the expected inhibitions")

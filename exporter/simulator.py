@@ -139,6 +139,13 @@ class SimMessage:
     source: str = "laml"
     from_number: str = ""
     to_number: str = ""
+    # How long after created_at the message first shows in listings and get-by-id: the log's
+    # ingestion delay, whose size SignalWire does not document.
+    appears_after: float = 0.0
+
+    @property
+    def appears_at(self) -> float:
+        return self.created_at + self.appears_after
 
     def __post_init__(self) -> None:
         if not self.timeline or self.timeline[0].at != 0:
@@ -425,6 +432,7 @@ class Simulator:
         source: str | None = None,
         from_number: str | None = None,
         to_number: str | None = None,
+        appears_after: float = 0.0,
     ) -> SimMessage:
         """Adds a message; created_at is floored to whole seconds, as the API shows it."""
         with self._lock:
@@ -449,6 +457,7 @@ class Simulator:
                 source=source,
                 from_number=from_number or (remote if inbound else own),
                 to_number=to_number or (own if inbound else remote),
+                appears_after=appears_after,
             )
             project.messages[message_id] = message
             key = (message.created_at, message_id)
@@ -620,7 +629,7 @@ class Simulator:
     def _get(self, project: _Project, message_id: str, base_url: str, now: float) -> Response:
         with self._lock:
             message = project.messages.get(message_id)
-        if message is None or message.created_at > now:
+        if message is None or message.appears_at > now:
             return Response(404, error_body("not_found", "not_found", "Not Found"))
         return Response(200, message.to_json(now, base_url))
 
@@ -669,9 +678,11 @@ class Simulator:
             first = bisect.bisect_left(index, (low, ""))
             last = bisect.bisect_right(index, (min(high, now), "\uffff"))
             records = [
-                project.messages[i]
+                message
                 for created, i in index[first:last]
-                if created <= now and accept(created)
+                if created <= now
+                and accept(created)
+                and (message := project.messages[i]).appears_at <= now
             ]
         # The index is in (created_at, id) order already.
         if self.list_order == "arbitrary":
@@ -1076,16 +1087,22 @@ class TrafficProfile:
     max_delay: float = 3.0  # every transition happens within this many seconds of creation
     # Share of undelivered/failed that carry an error_message but no error_code (seen on Relay).
     missing_error_code: float = 0.0
+    # Share of messages the log shows late: each appears up to `max_lateness` seconds after its
+    # created_at (uniformly); the others at once.
+    late: float = 0.0
+    max_lateness: float = 0.0
     # remaining outbound SMS: delivered
 
     def __post_init__(self) -> None:
         shares = (self.inbound, self.mms, self.undelivered, self.failed, self.never_receipted)
-        if any(not 0 <= s <= 1 for s in (*shares, self.missing_error_code)):
+        if any(not 0 <= s <= 1 for s in (*shares, self.missing_error_code, self.late)):
             raise ValueError("fractions must be within [0, 1]")
         if self.undelivered + self.failed + self.never_receipted > 1:
             raise ValueError("undelivered + failed + never_receipted must not exceed 1")
         if self.max_delay <= 0:
             raise ValueError("max_delay must be positive")
+        if self.max_lateness < 0:
+            raise ValueError("max_lateness must not be negative")
 
 
 DEFAULT_PROFILE = TrafficProfile()
@@ -1101,6 +1118,9 @@ def random_message_args(rng: random.Random, profile: TrafficProfile) -> dict[str
     kind = "mms" if rng.random() < profile.mms else "sms"
     segments = 1 if kind == "mms" else rng.choices((1, 2, 3), weights=(80, 15, 5))[0]
     charge = round(segments * (MMS_PRICE if kind == "mms" else SMS_PRICE), 6)
+    late = {}
+    if profile.late and rng.random() < profile.late:
+        late["appears_after"] = rng.uniform(0, profile.max_lateness)
 
     if rng.random() < profile.inbound:
         return {
@@ -1108,6 +1128,7 @@ def random_message_args(rng: random.Random, profile: TrafficProfile) -> dict[str
             "kind": kind,
             "segments": segments,
             "timeline": [Step(0, "received", charge=charge)],
+            **late,
         }
     direction = rng.choices(
         ("outbound-api", "outbound-reply", "outbound", "outbound-call"), weights=(75, 15, 5, 5)
@@ -1130,7 +1151,13 @@ def random_message_args(rng: random.Random, profile: TrafficProfile) -> dict[str
             timeline = [queued, initiated, sent]
         else:
             timeline = [queued, initiated, sent, Step(times[2], "delivered", charge=charge)]
-    return {"direction": direction, "kind": kind, "segments": segments, "timeline": timeline}
+    return {
+        "direction": direction,
+        "kind": kind,
+        "segments": segments,
+        "timeline": timeline,
+        **late,
+    }
 
 
 def _error_step(

@@ -710,3 +710,39 @@ def test_numbers_follow_the_direction() -> None:
     prefixes = {r[:5] for r in remotes}
     assert {"+1212", "+1416", "+1787", "+1876", "+4477"} <= prefixes
     assert any(not r.startswith("+") for r in remotes)
+
+
+def test_a_late_record_shows_only_once_it_appears(
+    sim: Simulator, clock: FakeClock, server: SimulatorServer, http: requests.Session
+) -> None:
+    """The log's ingestion delay: a record is neither listed nor fetched before created_at +
+    appears_after, whatever the filters."""
+    on_time = add(sim, T0 - 100)
+    late = sim.add_message(
+        PROJECT,
+        direction="outbound-api",
+        kind="sms",
+        created_at=T0 - 90,
+        segments=1,
+        timeline=[Step(0, "delivered")],
+        appears_after=120.0,
+    )
+    listed = [i for page in walk(http, list_url(server)) for i in ids(page)]
+    assert listed == [on_time.id]
+    get = http.get(f"{list_url(server)}/{late.id}", timeout=5)
+    assert get.status_code == 404
+    clock.now = T0 + 30
+    params = {"created_after": iso(T0 - 95)}
+    listed = [i for page in walk(http, list_url(server), params) for i in ids(page)]
+    assert listed == [late.id]
+    assert http.get(f"{list_url(server)}/{late.id}", timeout=5).status_code == 200
+
+
+def test_a_profile_makes_a_share_of_records_late() -> None:
+    rng = random.Random(5)
+    profile = TrafficProfile(late=0.3, max_lateness=150.0)
+    delays = [random_message_args(rng, profile).get("appears_after", 0.0) for _ in range(2000)]
+    late = [d for d in delays if d > 0]
+    assert 450 < len(late) < 750 and max(late) <= 150.0 and max(late) > 140.0
+    with pytest.raises(ValueError):
+        TrafficProfile(late=1.5)

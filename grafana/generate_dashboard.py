@@ -286,6 +286,132 @@ def table(
     }
 
 
+def breakdown_table(
+    title: str,
+    description: str,
+    label: str,
+    header: str,
+    columns: list[tuple[str, str, str, int]],
+    *,
+    sort_by: str,
+    thresholds: dict[str, dict[str, Any]] | None = None,
+    width: int = 24,
+    height: int = 9,
+) -> Panel:
+    """A table with one row per value of `label` and one column per instant query.
+
+    `columns` lists (header, query, unit, decimals); the queries' frames are merged on `label`.
+    `thresholds` colours the text of the columns it names.
+    """
+    refs = [chr(ord("A") + i) for i in range(len(columns))]
+    names = {f"Value #{ref}": name for ref, (name, _, _, _) in zip(refs, columns, strict=True)}
+    overrides = []
+    for name, _, unit, decimals in columns:
+        properties: list[dict[str, Any]] = [
+            {"id": "unit", "value": unit},
+            {"id": "decimals", "value": decimals},
+        ]
+        if thresholds and name in thresholds:
+            properties += [
+                {"id": "thresholds", "value": thresholds[name]},
+                {"id": "custom.cellOptions", "value": {"type": "color-text"}},
+            ]
+        overrides.append({"matcher": {"id": "byName", "options": name}, "properties": properties})
+    panel = table(
+        title,
+        description,
+        [
+            _target(query, ref=ref, instant=True, table=True)
+            for ref, (_, query, _, _) in zip(refs, columns, strict=True)
+        ],
+        columns={label: header, **names},
+        sort_by=sort_by,
+        width=width,
+        height=height,
+    )
+    panel["fieldConfig"]["overrides"] = overrides
+    panel["transformations"].insert(0, {"id": "merge", "options": {}})
+    return panel
+
+
+# Grafana's own list of countries, keyed by ISO 3166 alpha-2 (and alpha-3) code.
+GAZETTEER_COUNTRIES = "public/gazetteer/countries.json"
+
+
+def geomap(
+    title: str,
+    description: str,
+    targets: list[dict[str, Any]],
+    *,
+    lookup: str,
+    unit: str = "short",
+    decimals: int | None = None,
+    maximum: float | None = None,
+    thresholds: dict[str, Any] | None = None,
+    width: int = 12,
+    height: int = 10,
+) -> Panel:
+    """A world map with one marker per row of an instant table query, placed by looking up the
+    country code in field `lookup` and coloured by its value (field "Value")."""
+    defaults = _field_defaults(
+        unit, decimals=decimals, minimum=0, maximum=maximum, thresholds=thresholds
+    )
+    defaults["custom"] = {"hideFrom": {"legend": False, "tooltip": False, "viz": False}}
+    return {
+        "type": "geomap",
+        "title": title,
+        "description": description,
+        "datasource": dict(DATASOURCE),
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {
+            "basemap": {"config": {}, "name": "Basemap", "type": "default"},
+            "controls": {
+                "mouseWheelZoom": False,
+                "showAttribution": True,
+                "showDebug": False,
+                "showMeasure": False,
+                "showScale": False,
+                "showZoom": True,
+            },
+            "layers": [
+                {
+                    "config": {
+                        "showLegend": True,
+                        "style": {
+                            "color": {"field": "Value", "fixed": "dark-green"},
+                            "opacity": 0.7,
+                            "rotation": {"fixed": 0, "max": 360, "min": -360, "mode": "mod"},
+                            "size": {"fixed": 8, "max": 15, "min": 2},
+                            "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
+                            "symbolAlign": {"horizontal": "center", "vertical": "center"},
+                            "text": {"field": lookup, "fixed": "", "mode": "field"},
+                            "textConfig": {
+                                "fontSize": 10,
+                                "offsetX": 0,
+                                "offsetY": -14,
+                                "textAlign": "center",
+                                "textBaseline": "middle",
+                            },
+                        },
+                    },
+                    "location": {
+                        "gazetteer": GAZETTEER_COUNTRIES,
+                        "lookup": lookup,
+                        "mode": "lookup",
+                    },
+                    "name": title,
+                    "tooltip": True,
+                    "type": "markers",
+                }
+            ],
+            "tooltip": {"mode": "details"},
+            "view": {"allLayers": True, "id": "zero", "lat": 20, "lon": 0, "zoom": 1},
+        },
+        "targets": targets,
+        "_size": (width, height),
+    }
+
+
 UP_MAPPINGS = [
     {
         "options": {
@@ -299,6 +425,16 @@ UP_MAPPINGS = [
 
 def _sum_increase(metric: str, selector: str, window: str) -> str:
     return f"sum(increase({metric}{{{selector}}}[{window}]))"
+
+
+def _share(numerator: str, denominator: str, by: str) -> str:
+    """sum by (`by`) of `numerator` over sum by (`by`) of `denominator` (PromQL expressions of one
+    series each, summed): 0, not absent, where the denominator has series but the numerator
+    none."""
+    return (
+        f"(\n  sum by ({by}) ({numerator})\nor\n  0 * sum by ({by}) ({denominator})\n)\n/\n"
+        f"sum by ({by}) ({denominator})"
+    )
 
 
 def overview() -> list[Panel]:
@@ -541,6 +677,230 @@ def failures() -> list[Panel]:
     ]
 
 
+def _with_categories(counts: str) -> str:
+    """Joins per-(project, error_code) counts with the category of their error code, then sums
+    them by category. A count whose code has no signalwire_message_error_info (no error code, or
+    `other`) is kept as category "unknown" by the `or on (project, error_code)` fallback."""
+    return (
+        "sum by (category) (\n"
+        f"  {counts}\n"
+        "  * on (project, error_code) group_left (category)\n"
+        f"  group by (project, error_code, category) (signalwire_message_error_info{{{P}}})\n"
+        "or on (project, error_code)\n"
+        f'  label_replace({counts}, "category", "unknown", "", "")\n'
+        ")"
+    )
+
+
+def categories() -> list[Panel]:
+    failed = f"{P}, {OUT}, {FAILED}"
+
+    def counts(window: str, function: str = "rate") -> str:
+        return (
+            f"sum by (project, error_code) "
+            f"({function}(signalwire_messages_total{{{failed}}}[{window}]))"
+        )
+
+    categories_text = (
+        "The category comes from the error code (signalwire_message_error_info): "
+        "carrier_filtering (content or sender registration), unreachable, opted_out, "
+        "invalid_number, volume_limit, account, and unknown (including failures without an "
+        "error code)."
+    )
+    return [
+        timeseries(
+            "Outbound failures by category",
+            "Outbound messages settled as failed or undelivered, per second, by the category of "
+            f"their error code. {categories_text}",
+            [_target(_with_categories(counts("$__rate_interval")), "{{category}}")],
+            axis_label="messages/s",
+            stack=True,
+            width=10,
+        ),
+        timeseries(
+            "Outbound failure ratio by category",
+            "Share of the outbound messages settled in each interval that failed with an error "
+            "code of each category. SignalWireCarrierFiltering fires when carrier_filtering "
+            "stays above 5 % (default) of an hour's messages.",
+            [
+                _target(
+                    _with_categories(counts("$__rate_interval"))
+                    + "\n/ on () group_left ()\n"
+                    + f"sum(rate(signalwire_messages_total{{{P}, {OUT}}}[$__rate_interval]))",
+                    "{{category}}",
+                )
+            ],
+            unit="percentunit",
+            width=8,
+        ),
+        bargauge(
+            "Failures by category in the time range",
+            "Outbound messages settled as failed or undelivered in the selected time range, by "
+            "the category of their error code.",
+            [
+                _target(
+                    _with_categories(counts("$__range", "increase")),
+                    "{{category}}",
+                    instant=True,
+                )
+            ],
+            width=6,
+        ),
+    ]
+
+
+def countries() -> list[Panel]:
+    by_country = "signalwire_messages_by_country_total"
+
+    def count(selector: str) -> str:
+        return f"increase({by_country}{{{selector}}}[$__range])"
+
+    failure_ratio = _share(count(f"{P}, {OUT}, {FAILED}"), count(f"{P}, {OUT}"), "country")
+    failure_colours = _thresholds((None, "green"), (0.03, "orange"), (0.1, "red"))
+    return [
+        breakdown_table(
+            "Countries in the time range",
+            "Messages settled in the selected time range by the country of the remote number "
+            '(ISO code), with their delivery and failure ratios and their charge. "unknown": the '
+            'remote party is not a phone number (a short code, an alphanumeric sender); "other": '
+            "countries past limits.max_countries.",
+            "country",
+            "Country",
+            [
+                ("Messages", f"sum by (country) ({count(P)})", "short", 0),
+                ("Outbound", f"sum by (country) ({count(f'{P}, {OUT}')})", "short", 0),
+                (
+                    "Outbound SMS delivered",
+                    _share(
+                        count(f'{P}, {OUT}, kind="sms", status="delivered"'),
+                        count(f'{P}, {OUT}, kind="sms"'),
+                        "country",
+                    ),
+                    "percentunit",
+                    1,
+                ),
+                ("Outbound failed", failure_ratio, "percentunit", 1),
+                (
+                    "Spend",
+                    "sum by (country) "
+                    f"(increase(signalwire_message_charge_usd_by_country_total{{{P}}}[$__range]))",
+                    "currencyUSD",
+                    2,
+                ),
+            ],
+            sort_by="Messages",
+            thresholds={"Outbound failed": failure_colours},
+            width=12,
+            height=10,
+        ),
+        geomap(
+            "Outbound failure ratio by country",
+            "Share of the outbound messages settled in the selected time range that failed or "
+            "were undelivered, by the country of the recipient's number, one marker per country "
+            'with outbound traffic ("unknown" and "other" are in the table, not on the map).',
+            [_target(failure_ratio, instant=True, table=True)],
+            lookup="country",
+            unit="percentunit",
+            decimals=1,
+            maximum=1,
+            thresholds=failure_colours,
+            width=12,
+            height=10,
+        ),
+    ]
+
+
+def number_groups() -> list[Panel]:
+    by_group = "signalwire_messages_by_number_group_total"
+    charge = "signalwire_message_charge_usd_by_number_group_total"
+
+    def count(selector: str, window: str = "$__range") -> str:
+        return f"increase({by_group}{{{selector}}}[{window}])"
+
+    def per_second(selector: str) -> str:
+        return f"rate({by_group}{{{selector}}}[$__rate_interval])"
+
+    groups_text = (
+        "The group of the project's own number, as named under number_groups in the "
+        'exporter\'s configuration; "ungrouped" for the numbers in none.'
+    )
+    return [
+        timeseries(
+            "Messages by number group",
+            f"Messages settled per second, by number group. {groups_text}",
+            [
+                _target(
+                    f"sum by (number_group) ({per_second(P)})",
+                    "{{number_group}}",
+                )
+            ],
+            axis_label="messages/s",
+            stack=True,
+        ),
+        timeseries(
+            "Outbound failure ratio by number group",
+            "Share of the outbound messages settled in each interval that failed or were "
+            f"undelivered, by number group. {groups_text}",
+            [
+                _target(
+                    _share(
+                        per_second(f"{P}, {OUT}, {FAILED}"),
+                        per_second(f"{P}, {OUT}"),
+                        "number_group",
+                    ),
+                    "{{number_group}}",
+                )
+            ],
+            unit="percentunit",
+            maximum=1,
+            thresholds=_thresholds((None, "green"), (0.1, "red")),
+        ),
+        timeseries(
+            "Spend per hour by number group",
+            "Charge of the messages settled in the hour before each point, in US dollars, by "
+            "number group (one point per hour at most).",
+            [
+                _target(
+                    f"sum by (number_group) (increase({charge}{{{P}}}[1h]))",
+                    "{{number_group}}",
+                )
+            ],
+            unit="currencyUSD",
+            bars=True,
+            stack=True,
+            interval="1h",
+        ),
+        breakdown_table(
+            "Number groups in the time range",
+            "Messages settled in the selected time range by number group, with the outbound "
+            f"failure ratio and the charge. {groups_text}",
+            "number_group",
+            "Number group",
+            [
+                ("Messages", f"sum by (number_group) ({count(P)})", "short", 0),
+                ("Outbound", f"sum by (number_group) ({count(f'{P}, {OUT}')})", "short", 0),
+                (
+                    "Outbound failed",
+                    _share(count(f"{P}, {OUT}, {FAILED}"), count(f"{P}, {OUT}"), "number_group"),
+                    "percentunit",
+                    1,
+                ),
+                (
+                    "Spend",
+                    f"sum by (number_group) (increase({charge}{{{P}}}[$__range]))",
+                    "currencyUSD",
+                    2,
+                ),
+            ],
+            sort_by="Messages",
+            thresholds={
+                "Outbound failed": _thresholds((None, "green"), (0.03, "orange"), (0.1, "red"))
+            },
+            height=7,
+        ),
+    ]
+
+
 def spend() -> list[Panel]:
     charge = "signalwire_message_charge_usd_total"
     return [
@@ -692,6 +1052,54 @@ def pending() -> list[Panel]:
     ]
 
 
+def late_receipts() -> list[Panel]:
+    oldest = "signalwire_messages_pending_oldest_created_timestamp_seconds"
+    late = _thresholds((None, "green"), (1800, "orange"))
+    return [
+        timeseries(
+            "Oldest pending message by status",
+            "Age of the oldest message not settled yet, by its latest status: how long it has "
+            "waited (queued at SignalWire, or sent and waiting for the carrier's delivery "
+            "receipt). Absent while nothing is pending in that status. A message leaves at its "
+            "final status, or after settle.timeout (2h by default).",
+            [_target(f"max by (status) (time() - {oldest}{{{P}}})", "{{status}}")],
+            unit="s",
+            thresholds=late,
+            width=8,
+        ),
+        timeseries(
+            "Outbound SMS waiting for a receipt",
+            "Age of the oldest outbound SMS in status sent (handed to the carrier, delivery "
+            "receipt not in yet), by project and direction. SignalWireReceiptsLate fires when it "
+            "stays above 30 minutes (default, the dashed line) for 10 minutes.",
+            [
+                _target(
+                    "max by (project, direction) "
+                    f'(time() - {oldest}{{{P}, {OUT}, kind="sms", status="sent"}})',
+                    "{{project}} {{direction}}",
+                )
+            ],
+            unit="s",
+            thresholds=late,
+            width=8,
+        ),
+        bargauge(
+            "Oldest pending message now",
+            "Age of the oldest pending message right now, by project, direction, kind and latest "
+            "status.",
+            [
+                _target(
+                    f"max by (project, direction, kind, status) (time() - {oldest}{{{P}}})",
+                    "{{project}} {{direction}} {{kind}} {{status}}",
+                    instant=True,
+                )
+            ],
+            unit="s",
+            width=8,
+        ),
+    ]
+
+
 def health() -> list[Panel]:
     return [
         stat(
@@ -792,9 +1200,13 @@ ROWS: list[tuple[str, Any]] = [
     ("Volume", volume),
     ("Delivery and failures (outbound)", delivery),
     ("Failures by error code", failures),
+    ("Failures by category", categories),
+    ("By country", countries),
+    ("By number group", number_groups),
     ("Spend", spend),
     ("Segments", segments),
     ("Pending messages", pending),
+    ("Late receipts", late_receipts),
     ("Exporter health", health),
 ]
 
@@ -884,7 +1296,8 @@ def build_dashboard() -> dict[str, Any]:
         "annotations": {"list": []},
         "description": (
             "SignalWire messaging from signalwire-exporter: volume, delivery and failures, "
-            "error codes, spend, segments, pending messages and the exporter's own health."
+            "error codes and their categories, countries, number groups, spend, segments, "
+            "pending messages, late receipts and the exporter's own health."
         ),
         "editable": True,
         "fiscalYearStartMonth": 0,

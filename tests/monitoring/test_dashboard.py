@@ -30,17 +30,36 @@ GENERATOR = GRAFANA / "generate_dashboard.py"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PROJECT_FILTER = 'project=~"$project"'
 
+# The breakdowns the exporter exports next to the contract's metrics (exporter/metrics.py): the
+# counters by country and by number group, and the oldest pending message.
+BREAKDOWN_METRICS = frozenset(
+    {
+        "signalwire_messages_by_country_total",
+        "signalwire_message_charge_usd_by_country_total",
+        "signalwire_messages_by_number_group_total",
+        "signalwire_message_charge_usd_by_number_group_total",
+        "signalwire_messages_pending_oldest_created_timestamp_seconds",
+    }
+)
+# What the dashboard and the rules may read of the exporter.
+EXPORTED_METRICS = CONTRACT_METRICS | BREAKDOWN_METRICS
+
 # The one contract metric without a `project` label; its queries filter through signalwire_up.
 WITHOUT_PROJECT = frozenset({"signalwire_exporter_build_info"})
 REQUIRED_ROWS = (
     "Volume",
     "Delivery and failures (outbound)",
     "Failures by error code",
+    "Failures by category",
+    "By country",
+    "By number group",
     "Spend",
     "Segments",
     "Pending messages",
+    "Late receipts",
     "Exporter health",
 )
+PANEL_TYPES = {"timeseries", "stat", "table", "bargauge", "geomap"}
 
 # Grafana's variables, as a plain Prometheus query would have them.
 _SUBSTITUTIONS = {
@@ -172,11 +191,19 @@ def test_every_query_filters_by_project() -> None:
             )
 
 
-def test_queries_use_only_contract_metrics() -> None:
+def test_queries_use_only_exported_metrics() -> None:
     texts = [*dashboard_queries(), _variables()["project"]["query"]["query"]]
     used = {name for text in texts for name in _METRIC.findall(text)}
     assert used, "no metric found in the queries"
-    assert used <= CONTRACT_METRICS, sorted(used - CONTRACT_METRICS)
+    assert used <= EXPORTED_METRICS, sorted(used - EXPORTED_METRICS)
+    assert used >= BREAKDOWN_METRICS, sorted(BREAKDOWN_METRICS - used)
+
+
+def test_breakdown_metrics_are_the_exporters() -> None:
+    source = (ROOT / "exporter" / "metrics.py").read_text(encoding="utf-8")
+    for name in BREAKDOWN_METRICS:
+        # Counter families are named without their _total suffix.
+        assert f'"{name.removesuffix("_total")}"' in source, name
 
 
 def test_rates_use_the_rate_interval() -> None:
@@ -202,7 +229,7 @@ def test_panels_have_ids_descriptions_and_a_grid() -> None:
         assert not cells & occupied, f"{panel['title']} overlaps another panel"
         occupied |= cells
         if panel["type"] != "row":
-            assert panel["type"] in {"timeseries", "stat", "table", "bargauge"}, panel["type"]
+            assert panel["type"] in PANEL_TYPES, panel["type"]
             assert panel.get("description", "").strip(), f"{panel['title']} has no description"
 
 
@@ -213,11 +240,77 @@ def test_required_rows_exist() -> None:
 
 
 def test_error_codes_are_joined_with_their_descriptions() -> None:
-    joined = [q for q in dashboard_queries() if "signalwire_message_error_info" in q]
+    joined = [q for q in dashboard_queries() if "group_left (error_message)" in q]
     assert joined
     for expr in joined:
-        assert "group_left (error_message)" in expr
         assert 'error_code!=""' in expr
+        assert "or on (project, error_code)" in expr  # codes without a description are kept
+
+
+def test_failures_are_joined_with_their_categories() -> None:
+    joined = [q for q in dashboard_queries() if "signalwire_message_error_info" in q]
+    by_category = [q for q in joined if "group_left (category)" in q]
+    assert by_category
+    assert all("group_left (error_message)" in q or q in by_category for q in joined)
+    for expr in by_category:
+        assert expr.startswith("sum by (category) ("), expr
+        # One series per code, whatever its description; a code without one counts as unknown.
+        assert "group by (project, error_code, category) (signalwire_message_error_info" in expr
+        assert "or on (project, error_code)\n  label_replace(" in expr
+        assert '"category", "unknown"' in expr
+
+
+def _panels(kind: str) -> list[dict[str, Any]]:
+    return [p for p in walk_panels(load_dashboard()["panels"]) if p["type"] == kind]
+
+
+def test_tables_of_several_queries_merge_them_and_name_every_column() -> None:
+    tables = [panel for panel in _panels("table") if len(panel["targets"]) > 1]
+    assert tables
+    for panel in tables:
+        refs = [target["refId"] for target in panel["targets"]]
+        assert len(set(refs)) == len(refs), panel["title"]
+        assert all(t["instant"] and t["format"] == "table" for t in panel["targets"])
+        assert panel["transformations"][0]["id"] == "merge", panel["title"]
+        organize = panel["transformations"][1]["options"]
+        renamed = organize["renameByName"]
+        assert {f"Value #{ref}" for ref in refs} <= renamed.keys(), panel["title"]
+        # Units apply to the columns by their new names.
+        units = {
+            override["matcher"]["options"]
+            for override in panel["fieldConfig"]["overrides"]
+            if any(prop["id"] == "unit" for prop in override["properties"])
+        }
+        assert units == {renamed[f"Value #{ref}"] for ref in refs}, panel["title"]
+        sort_by = panel["options"]["sortBy"][0]["displayName"]
+        assert sort_by in renamed.values(), panel["title"]
+
+
+def test_geomap_places_countries_by_their_code() -> None:
+    [panel] = _panels("geomap")
+    [layer] = panel["options"]["layers"]
+    assert layer["location"] == {
+        "mode": "lookup",
+        "lookup": "country",
+        "gazetteer": "public/gazetteer/countries.json",
+    }
+    assert layer["config"]["style"]["color"]["field"] == "Value"
+    [target] = panel["targets"]
+    assert target["instant"] and target["format"] == "table"
+    assert "sum by (country)" in target["expr"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+
+
+def test_ratios_and_ages_have_units() -> None:
+    for panel in walk_panels(load_dashboard()["panels"]):
+        if panel["type"] == "row":
+            continue
+        exprs = " ".join(target["expr"] for target in panel["targets"])
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        if "time() - signalwire_" in exprs:
+            assert unit == "s", panel["title"]
+        if re.search(r"\bratio\b", panel["title"], re.IGNORECASE) and panel["type"] != "table":
+            assert unit == "percentunit", panel["title"]
 
 
 def test_render_query() -> None:

@@ -129,6 +129,12 @@ def stack(tmp_path: Path) -> Iterator[tuple[Stack, Simulator, TrafficGenerator, 
             start_from="10m",
             settle={"timeout": "4s"},
             request={"timeout": "2s", "page_size": 200},
+            # Four of the simulator's own numbers (exporter/simulator.py OWN_NUMBERS) in two
+            # groups; the fifth shows as "ungrouped".
+            number_groups={
+                "otp": ["+15551230000", "+15551230001"],
+                "marketing": ["+15557650000", "72345"],
+            },
         )
         traffic.start()
         daemon = Daemon(config, tmp_path).start()
@@ -244,6 +250,30 @@ def test_rules_dashboard_and_alerts_against_real_prometheus_and_alertmanager(
         except AssertionError:
             missing_rules.append(name)
     assert not missing_rules, f"recording rules without data: {missing_rules}"
+
+    # The breakdowns carry the simulator's variety: its own numbers in both configured groups (the
+    # fifth ungrouped), remote numbers in several countries and some that are not phone numbers.
+    def values(metric: str, label: str) -> set[str]:
+        return {s["metric"].get(label, "") for s in prom.query(f"group by ({label}) ({metric})")}
+
+    wait_for(
+        lambda: (
+            values("signalwire_messages_by_number_group_total", "number_group")
+            == {"otp", "marketing", "ungrouped"}
+        ),
+        30,
+        "every number group counted",
+        interval=0.5,
+    )
+    wait_for(
+        lambda: (
+            {"US", "CA", "GB", "unknown"}
+            <= values("signalwire_messages_by_country_total", "country")
+        ),
+        30,
+        "messages counted by country",
+        interval=0.5,
+    )
     missing_panels = []
     for expr in dashboard_queries():
         query = render_query(expr)

@@ -66,7 +66,7 @@ def select(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[s
     return {lbl: v for (n, lbl), v in samples.items() if n == name and want <= set(lbl)}
 
 
-# The metric names of contract §4: rules and dashboards may use these and nothing else.
+# The metric names of the contract: rules and dashboards may use these and nothing else.
 CONTRACT_METRICS = frozenset(
     {
         "signalwire_messages_total",
@@ -82,6 +82,11 @@ CONTRACT_METRICS = frozenset(
         "signalwire_api_requests_total",
         "signalwire_invalid_records_total",
         "signalwire_exporter_build_info",
+        "signalwire_messages_by_country_total",
+        "signalwire_message_charge_usd_by_country_total",
+        "signalwire_messages_by_number_group_total",
+        "signalwire_message_charge_usd_by_number_group_total",
+        "signalwire_messages_pending_oldest_created_timestamp_seconds",
     }
 )
 

@@ -23,8 +23,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import ROOT, free_port, wait_for
-from tests.monitoring.test_dashboard import EXPORTED_METRICS as EXPORTER_METRICS
+from tests.helpers import CONTRACT_METRICS, ROOT, free_port, wait_for
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "signalwire.rules.yml"
@@ -40,7 +39,7 @@ RUNBOOK_DOCUMENTS = ("README.md", "docs/runbook-insights.md")
 SEVERITIES = {"critical", "warning", "info"}
 
 # The exporter's metrics, plus Prometheus's own `up`.
-EXPORTED_METRICS = EXPORTER_METRICS | {"up"}
+EXPORTED_METRICS = CONTRACT_METRICS | {"up"}
 
 # PromQL words that look like identifiers but are not metric names.
 PROMQL_KEYWORDS = {

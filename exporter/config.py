@@ -176,6 +176,7 @@ class Config:
     state_path: str = "signalwire-exporter.db"
     start_from: float = 0.0
     failure_ratio_window: float = 900.0
+    max_ingestion_delay: float = 600.0
     settle: SettleConfig = field(default_factory=SettleConfig)
     max_error_codes: int = 50
     max_countries: int = 60
@@ -284,6 +285,7 @@ _TOP_KEYS = {
     "state_path",
     "start_from",
     "failure_ratio_window",
+    "max_ingestion_delay",
     "settle",
     "limits",
     "number_groups",
@@ -316,6 +318,10 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
     if "failure_ratio_window" in top:
         kwargs["failure_ratio_window"] = r.duration(
             top["failure_ratio_window"], "failure_ratio_window", minimum=1.0
+        )
+    if "max_ingestion_delay" in top:
+        kwargs["max_ingestion_delay"] = r.duration(
+            top["max_ingestion_delay"], "max_ingestion_delay"
         )
     settle = r.mapping(
         top.get("settle"), "settle", {"timeout", "final_statuses", "final_statuses_by_kind"}

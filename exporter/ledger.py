@@ -13,11 +13,18 @@ Nothing changes in the ledger until `apply`, so a poll that fails half way (or a
 is simply dropped and the next poll starts from the same committed state: nothing is lost, and
 nothing is counted twice.
 
-Why the horizon: the API has no "changed since" filter, so a poll re-lists from a little before
+Why the floor: the API has no "changed since" filter, so a poll re-lists from a little before
 the cursor. A re-listed record that is neither pending nor among the recently settled ids and was
-created before the horizon has already been dealt with (or predates the start point), so it is
-ignored; the ids of messages settled after the horizon are kept, so re-listing them never counts
+created before the floor has already been dealt with (or predates the start point), so it is
+ignored; the ids of messages settled after the floor are kept, so re-listing them never counts
 them again.
+
+Late records: SignalWire's log may show a record some time after its created_at (up to
+max_ingestion_delay). `complete_until` marks where every record is sure to have been seen: a
+listing from the floor made at time t has seen every record created before t minus the delay.
+The floor is `complete_until` (or the cursor, if lower), so a record that first shows behind the
+cursor is still new above it, and counted; a late sweep, a listing from the floor every
+`Schedule.late_sweep_period`, moves `complete_until` on.
 """
 
 from __future__ import annotations
@@ -112,6 +119,18 @@ class LedgerState:
     window: dict[WindowKey, tuple[int, int]] = field(default_factory=dict)  # -> (settled, failed)
     by_country: dict[DimensionKey, Totals] = field(default_factory=dict)
     by_group: dict[DimensionKey, Totals] = field(default_factory=dict)
+    # Every record created before this has been listed after it could have appeared (NaN: the
+    # cursor, as for a project that has just started).
+    complete_until: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.complete_until):
+            self.complete_until = self.cursor
+
+    @property
+    def floor(self) -> float:
+        """Records created before this are old: not pending, not settled recently, not new."""
+        return max(self.start_point, min(self.complete_until, self.cursor) - LISTING_SLACK)
 
     def error_codes(self) -> set[str]:
         return {k[3] for k in self.totals if k[3] not in ("", OTHER_ERROR_CODE)}
@@ -160,6 +179,7 @@ class Rules:
     page_size: int
     max_countries: int = 60
     number_groups: Mapping[str, str] = field(default_factory=dict)  # own number -> group name
+    max_ingestion_delay: float = 600.0
 
     @classmethod
     def of(cls, config: Config) -> Rules:
@@ -172,6 +192,7 @@ class Rules:
             page_size=config.page_size,
             max_countries=config.max_countries,
             number_groups=config.group_of_number(),
+            max_ingestion_delay=config.max_ingestion_delay,
         )
 
 
@@ -182,10 +203,11 @@ Listing = tuple[float, float | None]  # created_after, created_before (None: up 
 class PollPlan:
     now: float
     listings: tuple[Listing, ...]  # the head listing first (it moves the cursor), then ranges
-    horizon: float  # unknown records created before this are ignored
+    horizon: float  # a listing from here on sweeps (moves the cursor)
     get_ids: tuple[str, ...]  # pending messages to refresh by id
     timeout_due: frozenset[str]  # past settle.timeout, refreshed (and settled) this poll
     window_end: float | None = None  # a catch-up step: the listing's created_before
+    floor: float | None = None  # unknown records created before this are ignored (None: horizon)
 
     @property
     def sweeps(self) -> bool:
@@ -210,6 +232,9 @@ class PollDelta:
     pending_seen: dict[str, float] = field(default_factory=dict)  # unchanged: when seen again
     pending_removed: set[str] = field(default_factory=set)
     prune_settled_before: float = 0.0
+    complete_until: float | None = None  # None: unchanged
+    late_records: int = 0  # new records first seen behind the cursor
+    lateness: float = 0.0  # the latest of them: seconds from created_at to first sight
     error_info: dict[str, str] = field(default_factory=dict)
     window_add: dict[WindowKey, tuple[int, int]] = field(default_factory=dict)
     prune_window_before: int = 0
@@ -346,7 +371,9 @@ class Ledger:
         if end is None:
             return None
         horizon = self.state.cursor - LISTING_SLACK
-        return PollPlan(now, ((horizon, end),), horizon, (), frozenset(), window_end=end)
+        floor = self.state.floor  # from where records may still be new (late ones)
+        start = min(horizon, floor)
+        return PollPlan(now, ((start, end),), horizon, (), frozenset(), window_end=end, floor=floor)
 
     def schedule(self) -> Schedule:
         """The refresh tiers' cadence for this project's traffic (recomputed as it changes)."""
@@ -360,13 +387,20 @@ class Ledger:
                 self._late_ages,
                 LISTING_SLACK,
                 CURSOR_SAFETY,
+                self.rules.max_ingestion_delay,
             )
         return self._schedule
 
     def head_start(self, now: float, cadence: Schedule) -> float:
-        """Where this poll's head listing starts: from the cursor when a sweep is due (or after a
-        restart), else a little before the previous head listing."""
-        horizon = self.state.cursor - LISTING_SLACK
+        """Where this poll's head listing starts: from the floor when a late sweep is due, from
+        the cursor when a sweep is due (or after a restart), else a little before the previous
+        head listing."""
+        state = self.state
+        horizon = state.cursor - LISTING_SLACK
+        floor = state.floor
+        late = now - self.rules.max_ingestion_delay - state.complete_until
+        if floor < horizon and late >= cadence.late_sweep_period:
+            return floor
         last = self._last_head
         if last is None or now - self.state.cursor >= CURSOR_SAFETY + cadence.sweep_period:
             return horizon
@@ -389,6 +423,7 @@ class Ledger:
             horizon,
             tuple(choice.gets),
             choice.timeout_due,
+            floor=self.state.floor,
         )
 
     def _tiers(self, now: float, head: float, cadence: Schedule) -> _Tiers:
@@ -520,6 +555,8 @@ class Ledger:
             minute = int(created_at // HISTOGRAM_BUCKET)
             histogram[minute] = histogram.get(minute, 0) + count
         state.cursor = delta.cursor
+        if delta.complete_until is not None:
+            state.complete_until = delta.complete_until
         if delta.head_started is not None:
             self._last_head = delta.head_started
         if delta.receipt_ages or delta.sightings:
@@ -656,7 +693,11 @@ class Batch:
         # SettleConfig.is_final, taken apart so the per-record test is two set lookups.
         self._final = settle.final_statuses
         self._final_by_kind = settle.final_statuses_by_kind
-        self._floor = max(state.start_point, plan.horizon)  # unknown records below are ignored
+        floor = plan.horizon if plan.floor is None else plan.floor
+        self._floor = max(state.start_point, floor)  # unknown records below are ignored
+        self._cursor = state.cursor  # new records first seen behind it are late
+        self.late = 0
+        self.lateness = 0.0
         self._groups: dict[LabelKey, list[Message]] = {}  # settled, by raw label set
         self._error_texts: dict[str, str] = {}  # raw error code -> latest settled error_message
         self._settled_pending: list[str] = []  # settled ids that were pending before this poll
@@ -674,6 +715,7 @@ class Batch:
         groups, texts, sightings = self._groups, self._error_texts, self._sightings
         settled_pending = self._settled_pending
         final, final_by_kind, floor = self._final, self._final_by_kind, self._floor
+        cursor = self._cursor
         new_messages = ignored = 0
         for message in messages:
             message_id, created_at, direction, kind, status, code, text, _, _, _, _ = message
@@ -689,6 +731,9 @@ class Batch:
                     continue
                 new_messages += 1
                 sightings[created_at] = sightings.get(created_at, 0) + 1
+                if created_at < cursor:
+                    self.late += 1
+                    self.lateness = max(self.lateness, at - created_at)
             if status in final or status in final_by_kind.get(kind, ()):
                 settled[message_id] = created_at
                 key = (direction, kind, status, code)
@@ -736,8 +781,19 @@ class Batch:
             # inclusive or exclusive: one second less either way).
             cursor = min(cursor, self.plan.window_end - LISTING_SLACK)
         cursor = max(state.cursor, cursor)
+        complete = state.complete_until
+        if self.plan.listings[0][0] <= self._floor:
+            # A listing from the floor, started at listing_started, has seen every record that
+            # had appeared by then: all those created max_ingestion_delay before, at the latest.
+            complete = listing_started - rules.max_ingestion_delay
+            if self.plan.window_end is not None:
+                complete = min(complete, self.plan.window_end - LISTING_SLACK)
+            complete = max(state.complete_until, complete)
         delta = PollDelta(
             cursor=cursor,
+            complete_until=complete,
+            late_records=self.late,
+            lateness=self.lateness,
             head_started=listing_started if self.plan.window_end is None else None,
             receipt_ages=[now - self.settled[i] for i in self._settled_pending],
             new_messages=self.new_messages,
@@ -804,7 +860,8 @@ class Batch:
         for code, text in texts.items():
             if code in codes and code != OTHER_ERROR_CODE:
                 delta.error_info[code] = text
-        delta.prune_settled_before = cursor - LISTING_SLACK - 1.0
+        # The settled ids are kept down to the next floor: below it no record is new.
+        delta.prune_settled_before = min(complete, cursor) - LISTING_SLACK - 1.0
         delta.prune_window_before = int(now - rules.failure_ratio_window) - 1
         return delta
 

@@ -154,6 +154,15 @@ class ExporterCollector(Collector):
         for status in statuses:
             bad.add_metric([status.name], counts.invalid_records.get(status.name, 0))
         yield bad
+        late = CounterMetricFamily(
+            "signalwire_late_records",
+            "Records first seen with a created_at behind the cursor (SignalWire's log showed them "
+            "late); counted normally as well.",
+            labels=["project"],
+        )
+        for status in statuses:
+            late.add_metric([status.name], counts.late_records.get(status.name, 0))
+        yield late
         errors = CounterMetricFamily(
             "signalwire_poll_errors",
             "Failed polls by reason: api (SignalWire unreachable or erring), auth (401/403), "

@@ -52,12 +52,15 @@ MAX_INVALID_KEYS = 100_000
 PROGRESS_EVERY_PAGES = 25
 # A catch-up logs its progress at most this often (a step can take well under a second).
 PROGRESS_LOG_INTERVAL = 5.0
+# Records that appear late are logged at most this often, with how many and the latest.
+LATE_LOG_INTERVAL = 60.0
 
 
 class CounterState(NamedTuple):
     api_requests: dict[tuple[str, str], int]
     invalid_records: dict[str, int]
     poll_errors: dict[tuple[str, str], int]
+    late_records: dict[str, int]
 
 
 class Counters:
@@ -68,6 +71,7 @@ class Counters:
         self.api_requests: dict[tuple[str, str], int] = {}
         self.invalid_records: dict[str, int] = {}
         self.poll_errors: dict[tuple[str, str], int] = {}
+        self.late_records: dict[str, int] = {}
 
     def request(self, project: str, code: str) -> None:
         with self._lock:
@@ -78,16 +82,24 @@ class Counters:
         with self._lock:
             self.invalid_records[project] = self.invalid_records.get(project, 0) + 1
 
+    def late(self, project: str, records: int) -> None:
+        """Records first seen behind the cursor, counted once their poll is committed."""
+        with self._lock:
+            self.late_records[project] = self.late_records.get(project, 0) + records
+
     def poll_error(self, project: str, reason: str) -> None:
         with self._lock:
             key = (project, reason)
             self.poll_errors[key] = self.poll_errors.get(key, 0) + 1
 
     def state(self) -> CounterState:
-        """A consistent copy of all three counts."""
+        """A consistent copy of all the counts."""
         with self._lock:
             return CounterState(
-                dict(self.api_requests), dict(self.invalid_records), dict(self.poll_errors)
+                dict(self.api_requests),
+                dict(self.invalid_records),
+                dict(self.poll_errors),
+                dict(self.late_records),
             )
 
     def replace(self, state: CounterState) -> None:
@@ -96,6 +108,7 @@ class Counters:
             self.api_requests = dict(state.api_requests)
             self.invalid_records = dict(state.invalid_records)
             self.poll_errors = dict(state.poll_errors)
+            self.late_records = dict(state.late_records)
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,9 @@ class ProjectPoller:
         self._progress: Progress | None = None
         self._progress_began = 0.0
         self._progress_logged = -math.inf
+        self._late_logged = -math.inf
+        self._late_unlogged = 0
+        self._lateness = 0.0
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
@@ -223,6 +239,7 @@ class ProjectPoller:
                     raise Stopped("stopping")
                 self.store.commit(self.project.name, delta)
                 self.ledger.apply(delta)
+                self._late(delta)
                 if plan.window_end is None:
                     break
                 self._stepped(plan, delta)
@@ -263,6 +280,23 @@ class ProjectPoller:
             duration=round(duration, 3),
         )
         return True
+
+    def _late(self, delta: PollDelta) -> None:
+        """Count the committed poll's late records, and say so at most once a minute."""
+        if not delta.late_records:
+            return
+        self.counters.late(self.project.name, delta.late_records)
+        self._late_unlogged += delta.late_records
+        self._lateness = max(self._lateness, delta.lateness)
+        if time.monotonic() - self._late_logged >= LATE_LOG_INTERVAL:
+            self._late_logged = time.monotonic()
+            self.log.warning(
+                "records appeared late in SignalWire's log; counted",
+                records=self._late_unlogged,
+                latest_seconds=round(self._lateness),
+                max_ingestion_delay=format_duration(self.config.max_ingestion_delay),
+            )
+            self._late_unlogged, self._lateness = 0, 0.0
 
     def _stepped(self, plan: PollPlan, delta: PollDelta) -> None:
         """A catch-up step is committed: size the next window, publish, report progress."""

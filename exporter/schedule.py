@@ -13,7 +13,13 @@ page or a get-by-id. The tiers, youngest first:
   receipts that came after the head listing had passed;
 * older pending messages (the middle tier) by id on those same polls, each every age/4;
 * past settle.timeout, in batches every `timeout_every` polls (at least `TIMEOUT_MIN_PERIOD`
-  apart: a batch's listing costs about the same pages whatever its length).
+  apart: a batch's listing costs about the same pages whatever its length);
+* the late sweep, every `late_sweep_period`: one listing from where every record is sure to have
+  been seen (max_ingestion_delay back), so a record the log shows late is counted however late
+  it shows. Each record is listed by about (period + delay) / period late sweeps: a period of
+  three times the delay (at least `LATE_SWEEP_MIN_PERIOD`) keeps that to 1.33 extra listings of
+  each record at the default delay, fewer for longer periods, while a late record is counted
+  within period + delay at the latest (most are sooner: every listing that meets one counts it).
 
 `recent_age` follows the ages at which pending messages were seen to settle (their late
 receipts: nearly all of them, `RECENT_AGE_QUANTILE`), within [`MIN_RECENT_AGE`, `MAX_RECENT_AGE`].
@@ -39,6 +45,8 @@ AGES_KEPT = 2048
 AGES_NEEDED = 100
 # The head listing's overlap stays within the pages it takes anyway, with this much room.
 HEAD_FILL = 0.8
+LATE_SWEEP_MIN_PERIOD = 1800.0
+LATE_SWEEP_DELAY_FACTOR = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,7 @@ class Schedule:
     recent_age: float  # pending messages younger than this form the recent tier
     head_overlap: float  # an ordinary head listing starts this long before the previous one
     timeout_every: int  # polls between refreshes of the messages past settle.timeout
+    late_sweep_period: float = LATE_SWEEP_MIN_PERIOD  # time between late sweeps
 
     @property
     def sweep_period(self) -> float:
@@ -61,6 +70,7 @@ def schedule(
     late_receipt_ages: deque[float],
     slack: float,
     cursor_safety: float,
+    max_ingestion_delay: float = 0.0,
 ) -> Schedule:
     """The tiers' cadence for a project polled every `interval` seconds whose messages appear
     at `messages_per_second`."""
@@ -75,7 +85,10 @@ def schedule(
     # As much overlap as the head's pages hold anyway: a receipt up to that old is seen free.
     fits = HEAD_FILL * page_size / messages_per_second if messages_per_second > 0 else math.inf
     head_overlap = min(cursor_safety, max(2 * slack, fits - interval))
-    return Schedule(interval, recent_every, recent_age, head_overlap, timeout_every)
+    late_sweep_period = max(LATE_SWEEP_MIN_PERIOD, LATE_SWEEP_DELAY_FACTOR * max_ingestion_delay)
+    return Schedule(
+        interval, recent_every, recent_age, head_overlap, timeout_every, late_sweep_period
+    )
 
 
 def late_ages(kept: int = AGES_KEPT) -> deque[float]:

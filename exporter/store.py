@@ -42,7 +42,8 @@ CHECKPOINT_IN_COMMIT_BYTES = 16 * CHECKPOINT_AFTER_BYTES
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS project (
-    name TEXT PRIMARY KEY, start_point REAL NOT NULL, cursor REAL NOT NULL);
+    name TEXT PRIMARY KEY, start_point REAL NOT NULL, cursor REAL NOT NULL,
+    complete_until REAL);
 CREATE TABLE IF NOT EXISTS pending (
     project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
     direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
@@ -78,10 +79,12 @@ CREATE TABLE IF NOT EXISTS failure_window (
     PRIMARY KEY (project, second, direction, kind)) WITHOUT ROWID;
 """
 
-# Version 1 -> 2: the counters by country and by number group, and the pending messages' numbers.
-# What was counted before has no country or group on record: it is carried over as "unknown" and
-# "ungrouped", so the new counters' sums equal the message counters from the first scrape on.
+# Version 1 -> 2: the counters by country and by number group, the pending messages' numbers, and
+# where every record is sure to have been seen (NULL: at the cursor). What was counted before has
+# no country or group on record: it is carried over as "unknown" and "ungrouped", so the new
+# counters' sums equal the message counters from the first scrape on.
 _MIGRATE_FROM_1 = """
+ALTER TABLE project ADD COLUMN complete_until REAL;
 ALTER TABLE pending ADD COLUMN remote TEXT NOT NULL DEFAULT '';
 ALTER TABLE pending ADD COLUMN own TEXT NOT NULL DEFAULT '';
 INSERT INTO totals_by_country
@@ -384,14 +387,16 @@ class Store:
     def _load(self, project: str, now: float, start_from: float) -> LedgerState:
         c = self._conn
         row = c.execute(
-            "SELECT start_point, cursor FROM project WHERE name=?", (project,)
+            "SELECT start_point, cursor, complete_until FROM project WHERE name=?", (project,)
         ).fetchone()
         if row is None:
             start = now - start_from
             try:
                 with c:
                     c.execute("BEGIN IMMEDIATE")
-                    c.execute("INSERT INTO project VALUES (?, ?, ?)", (project, start, start))
+                    c.execute(
+                        "INSERT INTO project VALUES (?, ?, ?, ?)", (project, start, start, start)
+                    )
             except sqlite3.Error as exc:
                 raise StateError(
                     f"state file {self.path}: cannot record the start point of project "
@@ -399,7 +404,9 @@ class Store:
                     "space"
                 ) from None
             return LedgerState(start_point=start, cursor=start)
-        state = LedgerState(start_point=row[0], cursor=row[1])
+        state = LedgerState(
+            start_point=row[0], cursor=row[1], complete_until=row[1] if row[2] is None else row[2]
+        )
         for r in c.execute(
             "SELECT id, created_at, direction, kind, status, error_code, error_message, segments,"
             " charge_nano, remote, own, observed_at FROM pending WHERE project=?",
@@ -459,7 +466,8 @@ class Store:
                             "counting; its state is left as it is"
                         )
                     c.execute(
-                        "INSERT INTO project VALUES (?, ?, ?)", (project, start_point, start_point)
+                        "INSERT INTO project VALUES (?, ?, ?, NULL)",
+                        (project, start_point, start_point),
                     )
                     self._write(c, project, delta)
             except sqlite3.Error as exc:
@@ -474,7 +482,10 @@ class Store:
 
     def _write(self, c: sqlite3.Connection, project: str, delta: PollDelta) -> None:
         """One poll's effects, inside the caller's transaction."""
-        c.execute("UPDATE project SET cursor=? WHERE name=?", (delta.cursor, project))
+        c.execute(
+            "UPDATE project SET cursor=?, complete_until=coalesce(?, complete_until) WHERE name=?",
+            (delta.cursor, delta.complete_until, project),
+        )
         c.executemany(
             "DELETE FROM pending WHERE project=? AND id=?",
             ((project, i) for i in delta.pending_removed),

@@ -347,6 +347,7 @@ def test_every_default_of_the_contract(tmp_path: Path) -> None:
     assert config.state_path == "signalwire-exporter.db"
     assert config.start_from == 0.0
     assert config.failure_ratio_window == 15 * 60.0
+    assert config.max_ingestion_delay == 10 * 60.0
     assert config.settle.timeout == 2 * 3600.0
     assert config.settle.final_statuses == {"delivered", "undelivered", "failed", "received"}
     assert dict(config.settle.final_statuses_by_kind) == {"mms": {"sent"}}
@@ -408,6 +409,7 @@ def test_the_contract_example_loads(tmp_path: Path) -> None:
         state_path: signalwire-exporter.db  # the state store; relative to the working directory
         start_from: 0s                      # first start only
         failure_ratio_window: 15m
+        max_ingestion_delay: 10m            # how late a record may first appear in the log
         settle:
           timeout: 2h                       # see §3
           final_statuses: [delivered, undelivered, failed, received]
@@ -825,3 +827,9 @@ def test_number_groups_take_short_codes_unquoted_and_variables(tmp_path: Path) -
         {"OWN": "+15557650000"},
     )
     assert config.number_groups == {"marketing": ("72345", "+15557650000")}
+
+
+def test_max_ingestion_delay(tmp_path: Path) -> None:
+    assert load(tmp_path, "max_ingestion_delay: 1h\n" + PROJECT).max_ingestion_delay == 3600.0
+    assert load(tmp_path, "max_ingestion_delay: 0s\n" + PROJECT).max_ingestion_delay == 0.0
+    assert "max_ingestion_delay: " in error(tmp_path, "max_ingestion_delay: soon\n" + PROJECT)

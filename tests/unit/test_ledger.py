@@ -271,11 +271,11 @@ def test_rule7_re_listed_records_after_settlement_are_not_counted_again() -> Non
     assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
 
 
-def test_unknown_records_older_than_the_horizon_are_ignored() -> None:
-    ledger = new_ledger()
+def test_unknown_records_older_than_the_floor_are_ignored() -> None:
+    ledger = new_ledger(max_ingestion_delay=0.0)  # every record shows at once
     poll(ledger, T0 + 1000, msg("a", "delivered", T0 + 900))
     plan = ledger.plan(T0 + 2000)
-    assert plan.horizon > T0 + 900
+    assert plan.horizon > T0 + 900 and plan.floor is not None and plan.floor > T0 + 900
     # Its settled id has been pruned; re-listed (e.g. by a day-precision filter) it is ignored.
     assert "a" not in ledger.state.settled
     poll(ledger, T0 + 2000, msg("a", "delivered", T0 + 900), msg("x", "failed", T0 + 800))
@@ -354,7 +354,7 @@ def test_recent_pending_messages_are_refreshed_together_every_few_polls() -> Non
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
     now = T0 + 1000
     poll(ledger, T0 + 10, msg("a", "sent", now - 300), msg("b", "sent", now - 200))
-    ledger.state.cursor = now - 30
+    ledger.state.cursor = ledger.state.complete_until = now - 30
     aged(ledger, "a", 20, now)
     aged(ledger, "b", 6, now)
     plan = ledger.plan(now)  # seen 20 s ago (2 polls): not yet
@@ -369,7 +369,7 @@ def test_recent_pending_messages_are_got_by_id_when_a_re_list_costs_more() -> No
     now = T0 + 1000
     settled = [msg(f"d{i}", "delivered", now - 400 + i) for i in range(200)]
     poll(ledger, T0 + 10, msg("p", "sent", now - 400), *settled)
-    ledger.state.cursor = now - 30
+    ledger.state.cursor = ledger.state.complete_until = now - 30
     aged(ledger, "p", 40, now)
     plan = ledger.plan(now)
     assert plan.get_ids == ("p",)
@@ -380,7 +380,7 @@ def test_older_pending_messages_are_got_by_id_rarely_and_few_per_poll() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
     now = T0 + 5000
     poll(ledger, T0 + 10, *(msg(f"m{i}", "sent", now - 3600 - i) for i in range(3)))
-    ledger.state.cursor = now - 30
+    ledger.state.cursor = ledger.state.complete_until = now - 30
     for i in range(3):
         aged(ledger, f"m{i}", 600, now)  # an hour old: refreshed every 15 minutes
     assert ledger.plan(now).get_ids == ()
@@ -395,7 +395,7 @@ def test_timed_out_messages_are_refreshed_in_batches_by_a_range_or_by_id() -> No
     due = (ledger.schedule().timeout_every - 1) * 10.0 + 5  # past the batch's wait, 10 s polls
     old = [msg(f"t{i}", "sent", now - 7200 - due - i) for i in range(5)]
     poll(ledger, T0 + 10, *old)
-    ledger.state.cursor = now - 30
+    ledger.state.cursor = ledger.state.complete_until = now - 30
     plan = ledger.plan(now)
     assert plan.timeout_due == {f"t{i}" for i in range(5)}
     # Five messages within one page: one ranged listing instead of five gets.
@@ -654,9 +654,11 @@ def test_no_catch_up_step_while_the_head_listings_keep_up() -> None:
         now += 10
         assert ledger.catch_up_step(now) is None
         poll(ledger, now)
-    # After an outage the backlog is stepped through from the cursor.
+    # After an outage the backlog is stepped through from the cursor, the first step from
+    # where records may still be new (max_ingestion_delay before).
     step = ledger.catch_up_step(now + 7200)
-    assert step is not None and step.created_after == ledger.state.cursor - LISTING_SLACK
+    assert step is not None and step.created_after == ledger.state.floor
+    assert ledger.state.floor < ledger.state.cursor - LISTING_SLACK
 
 
 # ---------------------------------------------------------------- countries and number groups
@@ -776,3 +778,91 @@ def test_oldest_pending_per_label_set_follows_settlements() -> None:
         msg("c", "failed", created=T0 + 90),
     )
     assert ledger.pending_oldest() == {}
+
+
+# ---------------------------------------------------------------- late records
+
+
+def test_a_record_first_seen_behind_the_cursor_is_counted_once_and_as_late() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0)
+    poll(ledger, T0 + 300, msg("a", "delivered", T0 + 100))
+    assert ledger.state.cursor == T0 + 300 - CURSOR_SAFETY
+    # "b" was created before the cursor but shows only now, 150 s late.
+    delta = poll(ledger, T0 + 400, msg("b", "delivered", T0 + 250), msg("a", "delivered", T0 + 100))
+    assert (delta.late_records, delta.lateness) == (1, 150.0)
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 2
+    # Seen again by any later listing, it is not counted again, nor late again.
+    delta = poll(ledger, T0 + 500, msg("b", "delivered", T0 + 250))
+    assert delta.late_records == 0
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 2
+
+
+def test_records_later_than_the_delay_behind_complete_until_are_ignored() -> None:
+    ledger = new_ledger(max_ingestion_delay=60.0)
+    poll(ledger, T0 + 1000)  # a listing from the start point: complete up to T0 + 940
+    assert ledger.state.complete_until == T0 + 940
+    delta = poll(ledger, T0 + 1010, msg("old", "delivered", T0 + 500))
+    assert delta.late_records == 0 and ledger.state.totals == {}
+
+
+def test_settled_ids_are_kept_down_to_the_floor() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0)
+    poll(ledger, T0 + 100, msg("a", "delivered", T0 + 95))
+    for now in range(200, 1200, 100):  # the cursor moves on; complete_until stays behind
+        poll(ledger, T0 + now)
+    assert ledger.state.cursor > T0 + 1000 and ledger.state.floor < T0 + 95
+    assert "a" in ledger.state.settled
+    poll(ledger, T0 + 1200, msg("a", "delivered", T0 + 95))  # a late sweep meets it again
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
+
+
+def test_the_late_sweep_lists_from_the_floor_and_moves_complete_until() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0)
+    now = T0 + 100
+    poll(ledger, now)
+    period = ledger.schedule().late_sweep_period
+    assert period == max(1800.0, 3 * 600.0)
+    swept = []
+    while now < T0 + 100 + 2 * period + 600:
+        now += 10
+        plan = ledger.plan(now)
+        if plan.created_after == ledger.state.floor:
+            swept.append(now)
+            poll(ledger, now)
+            assert ledger.state.complete_until == now - 600
+        else:
+            assert plan.created_after > ledger.state.floor
+            before = ledger.state.complete_until
+            poll(ledger, now)
+            assert ledger.state.complete_until == before
+    # Due once complete_until is a period behind now less the delay: about every period.
+    assert len(swept) == 2 and swept[1] - swept[0] == pytest.approx(period, abs=10)
+
+
+def test_a_short_delay_needs_no_late_sweep() -> None:
+    ledger = new_ledger(max_ingestion_delay=10.0)  # within the cursor's own margin
+    now = T0 + 100
+    poll(ledger, now)
+    for _ in range(400):
+        now += 10
+        plan = ledger.plan(now)
+        assert plan.created_after >= ledger.state.cursor - LISTING_SLACK
+        poll(ledger, now)
+    assert ledger.state.floor == ledger.state.cursor - LISTING_SLACK
+    assert ledger.state.complete_until >= ledger.state.cursor
+
+
+def test_a_catch_up_makes_complete_until_follow_it() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0)
+    poll(ledger, T0 + 100)
+    now = T0 + 86_400  # a day later
+    first = ledger.catch_up_step(now)
+    assert first is not None and first.created_after == ledger.state.floor
+    steps = 0
+    while (step := ledger.catch_up_step(now)) is not None:
+        batch = ledger.begin(step)
+        ledger.apply(batch.close(now, now))
+        steps += 1
+        assert step.window_end is not None
+        assert ledger.state.complete_until == min(now - 600, step.window_end - LISTING_SLACK)
+    assert steps > 1 and ledger.state.complete_until == now - 600

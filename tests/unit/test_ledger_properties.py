@@ -1,6 +1,7 @@
 """Property: whatever the interleaving of traffic, polls, failed polls, duplicates, listing order,
-ingestion delays, clock advances and restarts from the last commit, once everything has settled the
-ledger's totals equal the simulator's ground truth, and no message settles twice."""
+ingestion delays (records the log shows up to max_ingestion_delay late), clock advances and
+restarts from the last commit, once everything has settled the ledger's totals equal the
+simulator's ground truth, and no message settles twice."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.unit.test_ledger import reference_plan
 
 T0 = 1_800_000_000
 TIMEOUT = 120.0
+MAX_DELAY = 300.0  # max_ingestion_delay
 PROJECT = "p"
 PROFILE = TrafficProfile(max_delay=TIMEOUT / 2, never_receipted=0.1)
 GROUPS = {"+15551230000": "otp", "72345": "marketing"}
@@ -30,6 +32,7 @@ RULES = Rules(
     max_error_codes=50,
     page_size=5,
     number_groups=GROUPS,
+    max_ingestion_delay=MAX_DELAY,
 )
 
 
@@ -64,10 +67,11 @@ operations = st.lists(
     seed=st.integers(0, 2**16),
     count=st.integers(0, 40),
     spread=st.integers(1, 600),
+    late=st.sampled_from([0.0, 0.3, 1.0]),
     ops=operations,
 )
 def test_totals_equal_ground_truth_for_any_interleaving(
-    seed: int, count: int, spread: int, ops: list[tuple[object, ...]]
+    seed: int, count: int, spread: int, late: float, ops: list[tuple[object, ...]]
 ) -> None:
     rng = random.Random(seed)
     now = [float(T0)]
@@ -75,7 +79,13 @@ def test_totals_equal_ground_truth_for_any_interleaving(
     sim.add_project(PROJECT, "token")
     for _ in range(count):
         created = T0 - 30 + rng.randrange(spread)  # some before the start point (rule 5)
-        sim.add_message(PROJECT, created_at=created, **random_message_args(rng, PROFILE))
+        shows = rng.uniform(0, MAX_DELAY) if rng.random() < late else 0.0
+        sim.add_message(
+            PROJECT,
+            created_at=created,
+            appears_after=shows,
+            **random_message_args(rng, PROFILE),
+        )
 
     committed = LedgerState(start_point=T0, cursor=T0)
     ledger = Ledger(RULES, copy.deepcopy(committed))
@@ -92,6 +102,7 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             m
             for m in sim.messages(PROJECT)
             if m.created_at <= now[0] - delay
+            and m.appears_at <= now[0]
             and any(
                 after - 1 <= m.created_at <= (now[0] if before is None else before)
                 for after, before in plan.listings
@@ -144,7 +155,9 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             ledger = Ledger(RULES, copy.deepcopy(committed))
     # Let everything settle: the API recovers and the exporter keeps polling.
     last_created = max((m.created_at for m in sim.messages(PROJECT)), default=T0)
-    end = max(now[0], last_created) + TIMEOUT + 2 * CURSOR_SAFETY
+    # Until the last record has shown and a late sweep has listed it.
+    period = ledger.schedule().late_sweep_period
+    end = max(now[0], last_created) + MAX_DELAY + period + TIMEOUT + 2 * CURSOR_SAFETY
     while now[0] < end or ledger.state.pending:
         now[0] += RULES.poll_interval
         run_poll(False, 0, 0)

@@ -153,6 +153,7 @@ def full_delta() -> PollDelta:
     )
     return PollDelta(
         cursor=NOW - 60,
+        complete_until=NOW - 700,
         settled_ids={"s1": NOW - 300, "s2": NOW - 200, "s3": NOW - 100},
         totals={
             KEY: Totals(2, 3, 8_300_000),
@@ -196,6 +197,7 @@ def test_commit_load_round_trip_of_every_part(store: Store, path: str) -> None:
     assert state.totals == delta.totals
     assert state.by_country == delta.by_country
     assert state.by_group == delta.by_group
+    assert state.complete_until == delta.complete_until
     assert state.pending["a"].message.remote == "+14165550100"
     assert state.pending["a"].message.own == "+15551230000"
     assert state.error_info == delta.error_info
@@ -837,6 +839,7 @@ def test_a_file_of_the_previous_release_is_migrated_and_keeps_its_totals(path: s
     migrated = [e for e in logs if e["event"] == "state file migrated"]
     assert len(migrated) == 1 and "1 -> 2" in migrated[0]["schema_version"]
     assert state.cursor == 1789999000.0
+    assert state.complete_until == state.cursor  # what version 1 guaranteed
     assert state.totals[("outbound-api", "sms", "failed", "30007")] == Totals(7, 7, 0)
     assert state.settled == {"s1": 1789998500.0}
     assert state.pending["p1"].message.status == "sent"
@@ -884,3 +887,15 @@ def test_a_migrated_file_goes_on_counting(path: str) -> None:
     assert state.by_country[(*KEY[:3], "CA")] == Totals(1, 1, 4_150_000)
     assert state.by_group[(*KEY[:3], "ungrouped")] == Totals(91, 96, 377_650_000)
     assert state.pending == {}
+
+
+def test_complete_until_starts_at_the_start_point_and_moves_only_when_given(path: str) -> None:
+    s = Store(path)
+    try:
+        assert s.load("production", NOW, 600.0).complete_until == NOW - 600
+        s.commit("production", PollDelta(cursor=NOW - 30, complete_until=NOW - 500))
+        s.commit("production", PollDelta(cursor=NOW - 20))  # no listing from the floor
+    finally:
+        s.close()
+    state = reopened(path)
+    assert (state.cursor, state.complete_until) == (NOW - 20, NOW - 500)

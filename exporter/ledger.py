@@ -398,12 +398,18 @@ class Ledger:
         state = self.state
         horizon = state.cursor - LISTING_SLACK
         floor = state.floor
-        late = now - self.rules.max_ingestion_delay - state.complete_until
-        if floor < horizon and late >= cadence.late_sweep_period:
-            return floor
         last = self._last_head
-        if last is None or now - self.state.cursor >= CURSOR_SAFETY + cadence.sweep_period:
+        sweep = last is None or now - state.cursor >= CURSOR_SAFETY + cadence.sweep_period
+        if floor < horizon:
+            late = now - self.rules.max_ingestion_delay - state.complete_until
+            if late >= cadence.late_sweep_period:
+                return floor
+            # A sweep that takes no more pages from the floor (a quiet project) goes from there.
+            if sweep and self._pages(floor, None) <= self._pages(horizon, None):
+                return floor
+        if sweep:
             return horizon
+        assert last is not None
         return max(horizon, last - cadence.head_overlap)
 
     def plan(self, now: float) -> PollPlan:

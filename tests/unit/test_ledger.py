@@ -578,7 +578,7 @@ def test_observing_a_page_at_once_equals_one_by_one(seed: int) -> None:
 
 
 def test_between_sweeps_the_head_lists_from_just_before_the_last_one_and_the_cursor_waits() -> None:
-    ledger = new_ledger()
+    ledger = new_ledger(max_ingestion_delay=0.0)  # records show at once: no late sweep
     poll(ledger, T0 + 100)  # the first poll of a process sweeps from the cursor
     assert ledger.state.cursor == T0 + 100 - CURSOR_SAFETY
     cadence = ledger.schedule()
@@ -808,35 +808,39 @@ def test_records_later_than_the_delay_behind_complete_until_are_ignored() -> Non
 def test_settled_ids_are_kept_down_to_the_floor() -> None:
     ledger = new_ledger(max_ingestion_delay=600.0)
     poll(ledger, T0 + 100, msg("a", "delivered", T0 + 95))
-    for now in range(200, 1200, 100):  # the cursor moves on; complete_until stays behind
+    for now in range(200, 700, 100):  # the cursor moves on; complete_until stays behind
         poll(ledger, T0 + now)
-    assert ledger.state.cursor > T0 + 1000 and ledger.state.floor < T0 + 95
+    assert ledger.state.cursor > T0 + 500 and ledger.state.floor < T0 + 95
     assert "a" in ledger.state.settled
-    poll(ledger, T0 + 1200, msg("a", "delivered", T0 + 95))  # a late sweep meets it again
+    poll(ledger, T0 + 700, msg("a", "delivered", T0 + 95))  # a late sweep meets it again
     assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
 
 
 def test_the_late_sweep_lists_from_the_floor_and_moves_complete_until() -> None:
-    ledger = new_ledger(max_ingestion_delay=600.0)
-    now = T0 + 100
+    ledger = new_ledger(max_ingestion_delay=600.0)  # 10 a page: 2 messages a second fill many
+    now, serial = T0 + 100, 0
     poll(ledger, now)
-    period = ledger.schedule().late_sweep_period
-    assert period == max(1800.0, 3 * 600.0)
     swept = []
-    while now < T0 + 100 + 2 * period + 600:
+    while now < T0 + 100 + 2 * 1800 + 600:
         now += 10
+        batch = [msg(f"m{serial + i}", "delivered", now - i / 2) for i in range(20)]
+        serial += 20
         plan = ledger.plan(now)
         if plan.created_after == ledger.state.floor:
             swept.append(now)
-            poll(ledger, now)
-            assert ledger.state.complete_until == now - 600
+            poll(ledger, now, *batch)
+            assert ledger.state.complete_until == max(T0, now - 600)
         else:
             assert plan.created_after > ledger.state.floor
             before = ledger.state.complete_until
-            poll(ledger, now)
+            poll(ledger, now, *batch)
             assert ledger.state.complete_until == before
-    # Due once complete_until is a period behind now less the delay: about every period.
-    assert len(swept) == 2 and swept[1] - swept[0] == pytest.approx(period, abs=10)
+    period = ledger.schedule().late_sweep_period
+    assert period == max(1800.0, 3 * 600.0)
+    # Once complete_until can move (600 s in): a late sweep when it is a period behind now less
+    # the delay, about every period.
+    moving = [t for t in swept if t >= T0 + 700]
+    assert len(moving) == 2 and moving[1] - moving[0] == pytest.approx(period, abs=10)
 
 
 def test_a_short_delay_needs_no_late_sweep() -> None:
@@ -866,3 +870,14 @@ def test_a_catch_up_makes_complete_until_follow_it() -> None:
         assert step.window_end is not None
         assert ledger.state.complete_until == min(now - 600, step.window_end - LISTING_SLACK)
     assert steps > 1 and ledger.state.complete_until == now - 600
+
+
+def test_a_quiet_project_sweeps_from_the_floor_when_it_costs_no_page_more() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0, page_size=1000)
+    now = T0 + 1000
+    poll(ledger, now, *(msg(f"m{i}", "delivered", T0 + 500 + i) for i in range(50)))
+    cadence = ledger.schedule()
+    assert ledger.state.floor < ledger.state.cursor - LISTING_SLACK
+    due = ledger.state.cursor + CURSOR_SAFETY + cadence.sweep_period
+    assert ledger.plan(due - 1).created_after > ledger.state.floor  # between sweeps: the head
+    assert ledger.plan(due).created_after == ledger.state.floor  # a sweep: from the floor

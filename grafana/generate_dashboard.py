@@ -1178,6 +1178,19 @@ def health() -> list[Panel]:
             unit="s",
         ),
         timeseries(
+            "Records shown late",
+            "Records that SignalWire's log showed only after the cursor had passed their "
+            "created_at, per interval. They are counted all the same (up to max_ingestion_delay "
+            "late); many of them mean the log lags: the exporter's log says how late they came.",
+            [
+                _target(
+                    "sum by (project) "
+                    f"(increase(signalwire_late_records_total{{{P}}}[$__rate_interval]))",
+                    "{{project}}",
+                )
+            ],
+        ),
+        timeseries(
             "SignalWire API requests by status code",
             'Requests to SignalWire per second, by HTTP status code; code "error" counts '
             "timeouts and connection failures. 429 means rate limiting, 401/403 bad "

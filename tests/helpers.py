@@ -81,6 +81,7 @@ CONTRACT_METRICS = frozenset(
         "signalwire_cursor_timestamp_seconds",
         "signalwire_api_requests_total",
         "signalwire_invalid_records_total",
+        "signalwire_late_records_total",
         "signalwire_exporter_build_info",
         "signalwire_messages_by_country_total",
         "signalwire_message_charge_usd_by_country_total",

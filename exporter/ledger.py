@@ -794,7 +794,9 @@ class Batch:
             complete = listing_started - rules.max_ingestion_delay
             if self.plan.window_end is not None:
                 complete = min(complete, self.plan.window_end - LISTING_SLACK)
-            complete = max(state.complete_until, complete)
+            # Nothing before the floor can be new: it predates the start point, or SignalWire's
+            # history limit has taken it out of reach.
+            complete = max(state.complete_until, complete, self._floor)
         delta = PollDelta(
             cursor=cursor,
             complete_until=complete,

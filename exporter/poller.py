@@ -375,13 +375,18 @@ class ProjectPoller:
     def _moved(self, plan: PollPlan, after: float) -> PollPlan:
         """The plan with its listing starting at `after` instead (SignalWire's history limit)."""
         assert self.ledger is not None
-        # What lies before `after` can no longer be listed: the listing sweeps from there.
+        # What lies before `after` can no longer be listed: the listing sweeps from there, and
+        # nothing before it can be new any more.
+        floor = after if plan.floor is None else max(plan.floor, after)
         if plan.window_end is None:
-            return replace(plan, listings=((after, None), *plan.listings[1:]), horizon=after)
+            listings = ((after, None), *plan.listings[1:])
+            return replace(plan, listings=listings, horizon=after, floor=floor)
         end = max(plan.window_end, float(math.floor(after + self.ledger.windows.seconds)))
         if end >= plan.now - CURSOR_SAFETY:
-            return replace(plan, listings=((after, None),), horizon=after, window_end=None)
-        return replace(plan, listings=((after, end),), horizon=after, window_end=end)
+            return replace(
+                plan, listings=((after, None),), horizon=after, window_end=None, floor=floor
+            )
+        return replace(plan, listings=((after, end),), horizon=after, window_end=end, floor=floor)
 
     def _window_trusted(self, plan: PollPlan, low: float, high: float) -> bool:
         """Whether a catch-up step may be committed (or a listing cut into steps): SignalWire

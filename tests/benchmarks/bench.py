@@ -108,10 +108,13 @@ class DayResult:
     window_delays: list[float] = field(default_factory=list)
 
 
-def config_for(state_path: str, base: str = BASE, poll: float = POLL) -> Config:
+def config_for(
+    state_path: str, base: str = BASE, poll: float = POLL, ingestion_delay: float = 600.0
+) -> Config:
     return Config(
         projects=(ProjectConfig("busy", base, PROJECT_ID, TOKEN),),
         poll_interval=poll,
+        max_ingestion_delay=ingestion_delay,
         state_path=state_path,
         settle=SettleConfig(timeout=TIMEOUT),
         page_size=PAGE,
@@ -136,6 +139,7 @@ def busy_day(
     poll: float = POLL,
     tail: float = TIMEOUT + 3600,
     window: tuple[float, float] | None = None,
+    ingestion_delay: float = 600.0,
 ) -> DayResult:
     """The day in virtual time: polls every `poll` seconds, for `tail` seconds past its traffic
     (by default until every message has settled). `window` (seconds from the start) is a steady
@@ -150,7 +154,7 @@ def busy_day(
     gc.freeze()  # the simulator's million messages are not the exporter's garbage to scan
     workdir.mkdir(parents=True, exist_ok=True)
     state_path = str(workdir / "busy.db")
-    config = config_for(state_path, poll=poll)
+    config = config_for(state_path, poll=poll, ingestion_delay=ingestion_delay)
     store = Store(state_path)
     poller = ProjectPoller(
         config.projects[0], config, store, Counters(), threading.Event(), clock=lambda: clock[0]
@@ -693,30 +697,34 @@ def figures(
 
 
 def scaling(workdir: Path, sizes: list[int], main: dict[str, Any]) -> list[dict[str, Any]]:
+    """The day at other sizes; at each, what the late sweep adds (the same day with
+    max_ingestion_delay 0, where records are taken to show at once and none is swept)."""
     rows = []
     for size in sizes:
         if size == main["messages"]:
-            rows.append(
-                {
-                    "messages_per_day": size,
-                    "requests_per_1000_messages": main["requests_per_1000_messages"],
-                    "settle_delay_p99_polls": main["settle_delay_p99_polls"],
-                    "cpu_s_per_day": main["day_cpu_s"],
-                    "state_file_mb": main["state_file_mb"],
-                }
-            )
-            continue
-        progress(f"growth: a day of {size:,} messages")
-        result = busy_day(DayProfile(messages=size), workdir / f"s{size}")
-        rows.append(
-            {
+            row = {
+                "messages_per_day": size,
+                "requests_per_1000_messages": main["requests_per_1000_messages"],
+                "settle_delay_p99_polls": main["settle_delay_p99_polls"],
+                "cpu_s_per_day": main["day_cpu_s"],
+                "state_file_mb": main["state_file_mb"],
+            }
+        else:
+            progress(f"growth: a day of {size:,} messages")
+            result = busy_day(DayProfile(messages=size), workdir / f"s{size}")
+            row = {
                 "messages_per_day": size,
                 "requests_per_1000_messages": 1000 * result.requests / size,
                 "settle_delay_p99_polls": percentile(result.delays, 0.99) / POLL,
                 "cpu_s_per_day": result.cpu_s,
                 "state_file_mb": Path(result.state_path).stat().st_size / 2**20,
             }
+        progress(f"growth: a day of {size:,} messages without the late sweep")
+        unswept = busy_day(DayProfile(messages=size), workdir / f"u{size}", ingestion_delay=0.0)
+        row["late_sweep_adds_requests_per_1000"] = (
+            row["requests_per_1000_messages"] - 1000 * unswept.requests / size
         )
+        rows.append(row)
     progress("render time by number of projects")
     day = busy_day(DayProfile(messages=sizes[0]), workdir / "p")
     for projects in (1, 10, 100):

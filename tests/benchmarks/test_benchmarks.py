@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tests.benchmarks.bench import TARGETS, figures, table
+from tests.benchmarks.bench import TARGETS, figures, scaling, table
 from tests.benchmarks.profile import DayProfile
 
 
@@ -29,3 +29,6 @@ def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
     assert "requests_per_1000_messages" in table(results)
     assert results["short_polls_window_messages"] > 10_000
     assert [c["counted"] for c in results["catch_up"]] == [5_000], "a catch-up counts them all"
+    rows = scaling(tmp_path / "growth", [3000], results)
+    assert rows[0]["late_sweep_adds_requests_per_1000"] >= 0
+    assert [row["projects"] for row in rows[1:]] == [1, 10, 100]

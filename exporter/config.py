@@ -480,15 +480,20 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: cannot read: not UTF-8 text") from None
+    config = parse_config(load_yaml(text, path), path, environ)
+    return replace(config, warnings=_secret_warnings(config, path))
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """YAML as this exporter reads it: scalars kept as written (only null is implicit), keys
+    written twice refused; a syntax error is a ConfigError naming the file, line and column."""
     try:
-        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    config = parse_config(data, path, environ)
-    return replace(config, warnings=_secret_warnings(config, path))
 
 
 def _secret_warnings(config: Config, path: str) -> tuple[str, ...]:

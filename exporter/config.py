@@ -93,7 +93,7 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
             return value
         if default is not None:
             return default
-        raise ValueError(f"environment variable {name} is not set (use ${{{name}:-default}})")
+        raise ValueError(f"environment variable {name} is not set: set it (export {name}=...)")
 
     return _ENV_RE.sub(substitute, text)
 
@@ -257,6 +257,29 @@ class _Reader:
         return frozenset(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
+def _unset_variables(data: Any, environ: Mapping[str, str], key: str = "") -> list[tuple[str, str]]:
+    """(key, variable) of every `${VAR}` without a default whose variable is unset, in order."""
+    if isinstance(data, dict):
+        return [
+            found
+            for k, v in data.items()
+            for found in _unset_variables(v, environ, _join(key, str(k)))
+        ]
+    if isinstance(data, list):
+        return [
+            found
+            for i, v in enumerate(data)
+            for found in _unset_variables(v, environ, f"{key}[{i}]")
+        ]
+    if not isinstance(data, str):
+        return []
+    return [
+        (key, m.group(1))
+        for m in _ENV_RE.finditer(data)
+        if m.group(2) is None and environ.get(m.group(1)) is None
+    ]
+
+
 def _to_int(text: str) -> int:
     if not _INT_RE.fullmatch(text.strip()):
         raise ValueError(f"{text!r} is not an integer")
@@ -300,6 +323,13 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
     r = _Reader(source, os.environ if environ is None else environ)
     if data is None:
         raise r.error("projects", "is required (the file is empty)")
+    missing = _unset_variables(data, r.environ)
+    if len(missing) > 1:  # all at once; one alone is reported with its key as any other error
+        names = ", ".join(f"{name} ({key})" for key, name in missing)
+        raise ConfigError(
+            f"{source}: environment variables not set: {names}; set them "
+            f"(export {missing[0][1]}=...) or write the values in the file"
+        )
     top = r.mapping(data, "", _TOP_KEYS)
     kwargs: dict[str, Any] = {"source": source}
     if "listen_address" in top:

@@ -833,3 +833,27 @@ def test_max_ingestion_delay(tmp_path: Path) -> None:
     assert load(tmp_path, "max_ingestion_delay: 1h\n" + PROJECT).max_ingestion_delay == 3600.0
     assert load(tmp_path, "max_ingestion_delay: 0s\n" + PROJECT).max_ingestion_delay == 0.0
     assert "max_ingestion_delay: " in error(tmp_path, "max_ingestion_delay: soon\n" + PROJECT)
+
+
+def test_every_unset_variable_in_one_error_that_says_to_set_them(tmp_path: Path) -> None:
+    text = PROJECT.replace("pid-1", "${SWX_PID}").replace(TOKEN, "${SWX_TOKEN}")
+    message = error(tmp_path, text, {})
+    assert "SWX_PID (projects[0].project_id)" in message
+    assert "SWX_TOKEN (projects[0].api_token)" in message
+    assert "export SWX_PID=" in message and ":-" not in message
+    one = error(tmp_path, PROJECT.replace(TOKEN, "${SWX_TOKEN}"), {})
+    assert "SWX_TOKEN is not set: set it (export SWX_TOKEN=...)" in one
+
+
+def test_the_shipped_example_needs_its_three_variables(tmp_path: Path) -> None:
+    example = (Path(__file__).resolve().parents[2] / "config.yaml").read_text()
+    path = write(tmp_path, example)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {})
+    for name in ("SIGNALWIRE_SPACE", "SIGNALWIRE_PROJECT_ID", "SIGNALWIRE_API_TOKEN"):
+        assert name in str(info.value)
+    config = load_config(
+        str(path),
+        {"SIGNALWIRE_SPACE": "acme", "SIGNALWIRE_PROJECT_ID": "p", "SIGNALWIRE_API_TOKEN": "t"},
+    )
+    assert config.projects[0].base_url == "https://acme.signalwire.com"

@@ -30,6 +30,8 @@ from exporter.store import StateError
 from exporter.webconfig import WebConfig, load_web_config
 
 COMMANDS = ("run", "check", "demo", "backfill")
+# The demo serves simulated data: on this machine only, unless asked otherwise.
+DEMO_LISTEN = ListenAddress("127.0.0.1", 9797)
 PROG = "signalwire-exporter"
 
 
@@ -95,9 +97,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
             type=_listen,
             metavar="HOST:PORT",
             help=(
-                "address for /metrics (default: listen_address of the file, or 0.0.0.0:9797)"
-                if command == "run"
-                else "address for /metrics (default: 0.0.0.0:9797)"
+                "address to serve /metrics, the status page and the health endpoints on "
+                + (
+                    "(default: listen_address of the file, or 0.0.0.0:9797)"
+                    if command == "run"
+                    else f"(default: {DEMO_LISTEN})"
+                )
             ),
         )
         p.add_argument(
@@ -117,8 +122,20 @@ def _parser(command: str) -> argparse.ArgumentParser:
             metavar="MESSAGES_PER_SECOND",
             help="synthetic messages per second (default: 2)",
         )
-    p.add_argument("--log.level", dest="log_level", choices=LEVELS, default="info")
-    p.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"), default="logfmt")
+    p.add_argument(
+        "--log.level",
+        dest="log_level",
+        choices=LEVELS,
+        default="info",
+        help="least severe events logged (default: info)",
+    )
+    p.add_argument(
+        "--log.format",
+        dest="log_format",
+        choices=("logfmt", "json"),
+        default="logfmt",
+        help="one event per line on stderr, as logfmt or JSON (default: logfmt)",
+    )
     return p
 
 
@@ -174,7 +191,8 @@ _DESCRIPTIONS = {
     "run": "Poll SignalWire message logs and serve Prometheus metrics (the default command).",
     "check": "Load the configuration and make one small authenticated request per project.",
     "demo": "Run the exporter against a built-in SignalWire simulator; no account needed.",
-    "backfill": "Write past message logs as OpenMetrics for promtool tsdb create-blocks-from.",
+    "backfill": "Write past message logs as OpenMetrics for promtool tsdb create-blocks-from; "
+    "before a project's first start, also seed the state file so live counting continues them.",
 }
 
 
@@ -192,9 +210,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{PROG} {__version__}")
         return 0
     if args and args[0] in ("-h", "--help"):
-        print(f"usage: {PROG} [run|check|demo] [flags]   ({PROG} COMMAND --help for flags)")
+        print(f"usage: {PROG} [{'|'.join(COMMANDS)}] [flags]   ({PROG} COMMAND --help for flags)")
         for name in COMMANDS:
-            print(f"  {name:6} {_DESCRIPTIONS[name]}")
+            print(f"  {name:8} {_DESCRIPTIONS[name]}")
         print(f"  {PROG} --version")
         return 0
     command = "run"
@@ -227,7 +245,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if command == "demo":
             from exporter.demo import run_demo
 
-            return run_demo(options.listen, options.rate, _web(options.web_config))
+            listen = options.listen or DEMO_LISTEN
+            return run_demo(listen, options.rate, _web(options.web_config))
         return _run(options.config_file, options.listen, options.web_config)
     except ConfigError as exc:
         print(_one_line(f"{PROG}: configuration error: {scrub(str(exc))}"), file=sys.stderr)

@@ -6,6 +6,7 @@ exit status, exactly one line on stderr and no traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import structlog
 
 import exporter.cli as cli
 from exporter import __version__
+from exporter.cli import COMMANDS, _parser
 from exporter.config import Config, ListenAddress
 from exporter.simulator import Simulator, SimulatorServer
 from exporter.store import StateError
@@ -95,16 +97,34 @@ def test_version_as_a_process() -> None:
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(capsys, "--help")
     assert code == 0
-    for command in ("run", "check", "demo", "--version"):
-        assert command in out
+    usage = out.splitlines()[0]
+    for command in COMMANDS:
+        assert command in usage, usage  # the usage line names every command
+        assert f"  {command} " in out
+    assert "--version" in out
 
 
-@pytest.mark.parametrize("command", ["run", "check", "demo"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_command_help_returns_zero(capsys: pytest.CaptureFixture[str], command: str) -> None:
     code, out, err = run_main(capsys, command, "--help")
     assert code == 0
     assert f"signalwire-exporter {command}" in out
     assert err == ""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_has_help_text(command: str) -> None:
+    for action in _parser(command)._actions:
+        assert action.help, (command, action.option_strings)
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.dest != "help":
+            assert "default" in action.help, (command, action.option_strings)
+
+
+def test_the_listen_address_is_not_only_for_metrics() -> None:
+    help_text = _parser("run").format_help()
+    assert "status page" in help_text and "health endpoints" in help_text
+    assert "seed the state file" in _parser("backfill").format_help()
+    assert "127.0.0.1:9797" in _parser("demo").format_help()
 
 
 # --------------------------------------------------------------------------- bad usage

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import structlog
-from prometheus_client import ProcessCollector
 
 from exporter import __version__
 from exporter.config import Config, ListenAddress
 from exporter.logs import redact, settings
-from exporter.metrics import build_registry
+from exporter.metrics import PollerProcessCollector, build_registry
 from exporter.poller import Counters, CounterState, ProjectStatus
 from exporter.server import ExporterServer
 from exporter.webconfig import WebConfig
@@ -67,7 +66,7 @@ class Exporter:
     def start(self) -> None:
         """Listen, then start polling once the state has loaded. Raises FatalError or StateError."""
         registry = build_registry(self.statuses, self.counters)
-        ProcessCollector(namespace=WORKER_NAMESPACE, pid=self._worker_pid, registry=registry)
+        registry.register(PollerProcessCollector(WORKER_NAMESPACE, self._worker_pid))
         try:
             self.server = ExporterServer(self.listen, registry, self.statuses, self.ready, self.web)
         except OSError as exc:

@@ -21,6 +21,7 @@ from exporter.ledger import Totals
 from exporter.poller import Counters, ProjectStatus
 from exporter.records import NANO
 
+POLL_ERROR_REASONS = ("api", "auth", "state", "internal")
 # The totals a counter family is drawn from: by error code, by country or by number group; each
 # keyed by direction, kind, status and that fourth label's value.
 Source = Callable[[Any], Mapping[tuple[str, str, str, str], Totals]]
@@ -169,8 +170,11 @@ class ExporterCollector(Collector):
             "state (the state file could not be written), internal.",
             labels=["project", "reason"],
         )
-        for (project, reason), value in sorted(counts.poll_errors.items()):
-            errors.add_metric([project, reason], value)
+        # Every reason of every project from the start, at 0 until it happens: a rate over a
+        # series that appears only with its first error would miss that first error.
+        keys = {(s.name, reason) for s in statuses for reason in POLL_ERROR_REASONS}
+        for project, reason in sorted(keys | counts.poll_errors.keys()):
+            errors.add_metric([project, reason], counts.poll_errors.get((project, reason), 0))
         yield errors
 
 
@@ -241,6 +245,19 @@ def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
             duration.add_metric([name], status.last_duration)
         cursor.add_metric([name], status.cursor)
     yield from (ratio, error_info, up, last_success, duration, cursor)
+
+
+class PollerProcessCollector(Collector):
+    """The process metrics of the polling process, under their own names and help text (the
+    serving process has the usual process_* ones)."""
+
+    def __init__(self, namespace: str, pid: Callable[[], int | str]) -> None:
+        self._process = ProcessCollector(namespace=namespace, pid=pid, registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._process.collect():
+            metric.documentation = f"Polling process: {metric.documentation}"
+            yield metric
 
 
 def build_registry(

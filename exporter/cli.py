@@ -26,7 +26,7 @@ from exporter.config import (
 )
 from exporter.daemon import Exporter, FatalError
 from exporter.logs import LEVELS, configure, redact, scrub
-from exporter.store import StateError
+from exporter.store import StateError, state_path_problem
 from exporter.webconfig import WebConfig, load_web_config
 
 COMMANDS = ("run", "check", "demo", "backfill")
@@ -332,4 +332,10 @@ def _check(config_file: str) -> int:
             print(f"{project.name}: ok ({project.base_url}, {found})", flush=True)
         finally:
             client.close()
+    problem = state_path_problem(config.state_path)
+    if problem is None:
+        print(f"state file: ok ({config.state_path})", flush=True)
+    else:
+        failures += 1
+        print(_one_line(f"state file: FAILED: {config.state_path}: {problem}"), flush=True)
     return 1 if failures else 0

@@ -126,6 +126,33 @@ def committed_start_point(path: str, project: str) -> float | None:
     return None if row is None else float(row[0])
 
 
+def state_path_problem(path: str) -> str | None:
+    """Why the state file could not be used, without opening it for writing (a daemon may hold
+    it): None when it can, or will be created. Errors of the file's content show on opening."""
+    target = Path(path)
+    misplaced = _misplaced(target)
+    if misplaced is not None:
+        return misplaced
+    if target.exists():
+        if not os.access(target, os.R_OK | os.W_OK):
+            return "cannot open for writing: permission denied; make it writable by this user"
+        return None
+    existing = next(p for p in target.parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create: {existing} is not writable by this user"
+    return None
+
+
+def _misplaced(target: Path) -> str | None:
+    """A state path that is a directory, or lies under a file."""
+    for parent in reversed(target.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is not a directory; set state_path to a path in a directory"
+    if target.is_dir():
+        return "is a directory; set state_path to a file"
+    return None
+
+
 class _Checkpointer:
     """Copies the WAL back into the database on its own thread and connection, so that commits do
     not wait for it: sqlite3 releases the GIL while SQLite copies and syncs.
@@ -219,8 +246,9 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         path = Path(self.path)
-        if path.is_dir():
-            raise StateError(f"state file {self.path}: is a directory; set state_path to a file")
+        misplaced = _misplaced(path)
+        if misplaced is not None:
+            raise StateError(f"state file {self.path}: {misplaced}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)

@@ -74,8 +74,7 @@ def test_polling_process_is_reported_and_counts_arrive(tmp_path: Path, base_url:
     assert select(samples, "signalwire_exporter_poller_process_resident_memory_bytes")
     text = requests.get(f"{daemon.url}/metrics", timeout=5).text
     assert (
-        "# HELP signalwire_exporter_poller_process_resident_memory_bytes Polling process: "
-        in text
+        "# HELP signalwire_exporter_poller_process_resident_memory_bytes Polling process: " in text
     )
     requests_made = select(samples, "signalwire_api_requests_total")
     assert sum(requests_made.values()) > 0, requests_made

@@ -285,9 +285,10 @@ def test_check_reports_each_project(
     code, out, err = run_main(capsys, "check", "--config.file", str(path))
     assert code == 1
     lines = out.splitlines()
-    assert len(lines) == 2, out
+    assert len(lines) == 3, out
     assert lines[0].startswith("good: ok (")
     assert lines[1].startswith("bad: FAILED: 401 ")
+    assert lines[2].startswith("state file: ok (")
     for token in (GOOD_TOKEN, WRONG_TOKEN, RIGHT_TOKEN):
         assert token not in out + err
 
@@ -307,7 +308,7 @@ def test_check_all_good_exits_0(
     code, out, err = run_main(capsys, "check", "--config.file", str(path))
     assert code == 0, out + err
     lines = out.splitlines()
-    assert [line.split(":", 1)[0] for line in lines] == ["good", "second"]
+    assert [line.split(":", 1)[0] for line in lines] == ["good", "second", "state file"]
     assert all(": ok (" in line for line in lines)
     assert GOOD_TOKEN not in out + err and RIGHT_TOKEN not in out + err
 
@@ -440,3 +441,18 @@ def test_serve_exits_1_on_a_state_error(capsys: pytest.CaptureFixture[str]) -> N
     assert final == [
         "signalwire-exporter: state file x.db: cannot be read (file is not a database)"
     ]
+
+
+def test_check_fails_on_a_state_path_it_could_not_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, api: str
+) -> None:
+    (tmp_path / "config.yaml").write_text("placeholder")
+    path = write_config(
+        tmp_path,
+        f"state_path: {tmp_path / 'config.yaml' / 'sw.db'}\nprojects:\n"
+        + project_yaml("good", api, GOOD_ID, GOOD_TOKEN),
+    )
+    code, out, _ = run_main(capsys, "check", "--config.file", str(path))
+    assert code == 1
+    last = out.splitlines()[-1]
+    assert last.startswith("state file: FAILED: ") and "is not a directory" in last

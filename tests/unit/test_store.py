@@ -585,6 +585,12 @@ def test_a_lock_held_throughout_is_refused_after_the_wait(path: str, refusals: l
     Store(path).close()  # once released, the file opens at once
 
 
+def test_a_path_under_a_file_is_refused_as_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("x")
+    with pytest.raises(StateError, match=r"config\.yaml is not a directory"):
+        Store(str(tmp_path / "config.yaml" / "sw.db"))
+
+
 def test_directory_as_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="directory") as info:
         Store(str(tmp_path))

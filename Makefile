@@ -22,12 +22,13 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict exporter
 
 test: lint tools
-	$(BIN)/pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
 
-# Prometheus, promtool, Alertmanager and amtool from the distribution, when missing: the monitoring
-# tests run the real ones.
-tools:
-	@./scripts/ensure-tools.sh
+# Prometheus, promtool, Alertmanager and amtool, when missing: the monitoring tests run the real
+# ones. Taken from the distribution's packages without installing them (unpacked under
+# .venv/tools, linked into .venv/bin): no service is installed or started.
+tools: $(STAMP)
+	@./scripts/ensure-tools.sh $(VENV)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

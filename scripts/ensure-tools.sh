@@ -1,24 +1,63 @@
 #!/usr/bin/env bash
-# Installs the real Prometheus tools the test suite runs, from the distribution's packages, when
-# they are missing. Debian/Ubuntu: prometheus (prometheus, promtool) and prometheus-alertmanager
-# (alertmanager, amtool); openssl makes the certificates of the TLS tests.
+# The real Prometheus tools the test suite runs: prometheus, promtool, alertmanager and amtool (and
+# openssl, which makes the certificates of the TLS tests).
+#
+# Tools already on PATH are used as they are. Missing ones are taken from the distribution's
+# packages (Debian/Ubuntu: prometheus, prometheus-alertmanager) WITHOUT installing them: the .deb
+# files are downloaded and unpacked under VENV/tools, and their binaries linked into VENV/bin. No
+# service is installed, enabled or started, and nothing outside VENV changes except apt's package
+# lists (apt-get update, with sudo when not root). openssl, when missing, is installed with apt-get
+# (it has no service). ENSURE_TOOLS_LOCAL=1 takes the Prometheus tools from the packages even when
+# the system has them.
+#
+# Usage: scripts/ensure-tools.sh [VENV]   (default .venv)
 set -euo pipefail
 
-missing=()
-command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
-command -v amtool >/dev/null \
-  && { command -v alertmanager >/dev/null || command -v prometheus-alertmanager >/dev/null; } \
-  || missing+=(prometheus-alertmanager)
-command -v openssl >/dev/null || missing+=(openssl)
-[ ${#missing[@]} -eq 0 ] && exit 0
+venv="${1:-.venv}"
+tools="$venv/tools"
 
-if ! command -v apt-get >/dev/null; then
-  echo "ensure-tools: install ${missing[*]} (Prometheus and Alertmanager with promtool and amtool)" >&2
+# Found in VENV/bin, or on PATH (unless ENSURE_TOOLS_LOCAL is set).
+found() {
+  [ -x "$venv/bin/$1" ] || { [ -z "${ENSURE_TOOLS_LOCAL:-}" ] && command -v "$1" >/dev/null; }
+}
+
+packages=()
+{ found promtool && found prometheus; } || packages+=(prometheus)
+{ found amtool && { found alertmanager || found prometheus-alertmanager; }; } \
+  || packages+=(prometheus-alertmanager)
+need_openssl=""
+command -v openssl >/dev/null || need_openssl=1
+[ ${#packages[@]} -eq 0 ] && [ -z "$need_openssl" ] && exit 0
+
+if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
+  echo "ensure-tools: put Prometheus, promtool, Alertmanager, amtool and openssl on PATH" \
+    "(the tests run the real ones)" >&2
   exit 1
 fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "ensure-tools: installing ${missing[*]} with apt-get" >&2
+echo "ensure-tools: fetching ${packages[*]:-}${need_openssl:+ openssl} with apt-get" \
+  "(Prometheus tools unpacked under $tools, no service installed)" >&2
 $sudo apt-get update -qq
-# The packages' services are not wanted: the tests start their own instances.
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ -n "$need_openssl" ]; then
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
+[ ${#packages[@]} -eq 0 ] && exit 0
+
+mkdir -p "$tools/debs" "$tools/root" "$venv/bin"
+sandbox=()
+[ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)  # root cannot drop to _apt here
+(cd "$tools/debs" && apt-get download -qq "${sandbox[@]}" "${packages[@]}")
+for deb in "$tools"/debs/*.deb; do
+  dpkg-deb -x "$deb" "$tools/root"
+done
+root="$(cd "$tools/root" && pwd)"
+for bin in prometheus promtool prometheus-alertmanager amtool; do
+  if [ -x "$root/usr/bin/$bin" ]; then
+    ln -sf "$root/usr/bin/$bin" "$venv/bin/$bin"
+  fi
+done
+if [ -x "$venv/bin/prometheus-alertmanager" ]; then
+  ln -sf "$root/usr/bin/prometheus-alertmanager" "$venv/bin/alertmanager"
+fi
+echo "ensure-tools: $(ls "$venv/bin" | grep -E '^(prometheus|promtool|alertmanager|prometheus-alertmanager|amtool)$' | tr '\n' ' ')in $venv/bin" >&2

@@ -42,6 +42,7 @@ from exporter.simulator import (
     TrafficProfile,
     random_message_args,
 )
+from exporter.store import SCHEMA_VERSION
 from tests.helpers import (
     ROOT,
     Daemon,
@@ -574,7 +575,9 @@ def corrupt_state(case: str, path: Path, real: bytes) -> None:
     elif case == "future":
         path.write_bytes(real)
         with sqlite3.connect(path) as conn:
-            changed = conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+            changed = conn.execute(
+                "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),)
+            )
             assert changed.rowcount == 1
         conn.close()
     else:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from packaging.requirements import Requirement
 
 from exporter import __version__
 from exporter.config import parse_config, parse_duration
@@ -695,3 +697,39 @@ def test_systemd_unit_runs_the_exporter_as_a_dynamic_user_with_its_state_directo
     env_example = DEPLOY / "systemd" / "signalwire-exporter.env.example"
     names = {line.split("=")[0] for line in env_example.read_text().splitlines() if "=" in line}
     assert {"SIGNALWIRE_SPACE", "SIGNALWIRE_PROJECT_ID", "SIGNALWIRE_API_TOKEN"} <= names
+
+
+# --- lock file -----------------------------------------------------------------------------------
+
+LOCK = DEPLOY / "requirements.lock"
+
+
+def _locked() -> dict[str, tuple[str, list[str]]]:
+    """name -> (pinned version, hashes) of deploy/requirements.lock."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = LOCK.read_text(encoding="utf-8")
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
+        if match:
+            name = match.group(1).lower().replace("_", "-")
+            pins[name] = (match.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return pins
+
+
+def test_the_lock_pins_every_dependency_within_its_range_with_hashes() -> None:
+    pins = _locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in {LOCK.name}: regenerate it (see deploy/Dockerfile)"
+        version, _ = pins[name]
+        assert requirement.specifier.contains(version, prereleases=True), (name, version)
+    for name, (version, hashes) in pins.items():
+        assert hashes, f"{name}=={version} has no hash"
+
+
+def test_the_image_installs_from_the_lock_with_hashes_checked() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "--require-hashes" in text and "requirements.lock" in text
+    assert "pip install --no-deps ." in text, "the exporter itself adds no unlocked dependency"

@@ -27,9 +27,11 @@ class Exporter:
         config: Config,
         listen: ListenAddress | None = None,
         web: WebConfig | None = None,
+        demo: bool = False,
     ) -> None:
         self.config = config
         self.web = web
+        self.demo = demo  # simulated data: the landing page says so
         self.listen = listen or config.listen_address
         self.counters = Counters()
         # Each project's view as the polling process last sent it; none before it has loaded.
@@ -68,7 +70,9 @@ class Exporter:
         registry = build_registry(self.statuses, self.counters)
         registry.register(PollerProcessCollector(WORKER_NAMESPACE, self._worker_pid))
         try:
-            self.server = ExporterServer(self.listen, registry, self.statuses, self.ready, self.web)
+            self.server = ExporterServer(
+                self.listen, registry, self.statuses, self.ready, self.web, demo=self.demo
+            )
         except OSError as exc:
             raise FatalError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
         self.server.start()

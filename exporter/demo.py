@@ -68,7 +68,7 @@ def run_demo(listen: ListenAddress | None, rate: float, web: WebConfig | None = 
         config = demo_config(
             api.base_url, f"{state_dir}/demo.db", listen or ListenAddress("0.0.0.0", 9797)
         )
-        exporter = Exporter(config, web=web)
+        exporter = Exporter(config, web=web, demo=True)
         traffic.start()
 
         def announce() -> None:

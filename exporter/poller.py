@@ -9,6 +9,7 @@ next poll starts from the same cursor: an outage delays counts but never loses o
 from __future__ import annotations
 
 import math
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ from exporter.ledger import (
     Totals,
 )
 from exporter.logs import redact
+from exporter.recent import RecentCounts, RecentSummary
 from exporter.records import InvalidRecord, Message, parse_message, parse_records
 from exporter.store import CommitError, Store
 
@@ -54,6 +56,9 @@ PROGRESS_EVERY_PAGES = 25
 PROGRESS_LOG_INTERVAL = 5.0
 # Records that appear late are logged at most this often, with how many and the latest.
 LATE_LOG_INTERVAL = 60.0
+# A start_from reaching further back than the recorded start point by more than this is pointed
+# out at start (less is the clock's jitter between starts).
+START_NOTE_TOLERANCE = 10.0
 
 
 class CounterState(NamedTuple):
@@ -112,6 +117,34 @@ class Counters:
 
 
 @dataclass(frozen=True)
+class StartNote:
+    """The configured start_from reaches before the start point recorded at the project's first
+    start: start_from applies to a first start only, so the messages in between are not counted."""
+
+    start_from: float  # seconds, as configured now
+    wanted: float  # where start_from would start counting at this start
+    start_point: float  # where counting started, as recorded
+    command: str  # the backfill that counts the messages in between
+    one_project_config: bool = False  # backfill covers every project of the file: use one
+
+    @property
+    def text(self) -> str:
+        """The note in words, without the command."""
+        only = (
+            " (with a configuration file holding this project only: backfill covers every "
+            "project of the file)"
+            if self.one_project_config
+            else ""
+        )
+        return (
+            f"start_from ({format_duration(round(self.start_from))}) would start counting at "
+            f"{iso_time(self.wanted)}, before the start point recorded at the first start, "
+            f"{iso_time(self.start_point)}; start_from applies to a first start only, so the "
+            f"messages created in between are not counted. To count them in Prometheus, run{only}:"
+        )
+
+
+@dataclass(frozen=True)
 class ProjectStatus:
     """An immutable view of one project for /metrics and the landing page, replaced per poll."""
 
@@ -130,6 +163,8 @@ class ProjectStatus:
     failure_ratios: dict[tuple[str, str], float] = field(default_factory=dict)
     error_info: dict[str, str] = field(default_factory=dict)
     catch_up: Progress | None = None  # while a backlog is being taken in
+    recent: RecentSummary | None = None  # settled lately, counted since the exporter started
+    start_note: StartNote | None = None  # start_from reaches before the recorded start point
 
     @property
     def pending_total(self) -> int:
@@ -179,11 +214,14 @@ class ProjectPoller:
         self._late_logged = -math.inf
         self._late_unlogged = 0
         self._lateness = 0.0
+        self.recent = RecentCounts(self.clock())
+        self._start_note: StartNote | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def load(self) -> None:
         """Load the committed state (recording the start point on a project's first start)."""
-        state = self.store.load(self.project.name, self.clock(), self.config.start_from)
+        now = self.clock()
+        state = self.store.load(self.project.name, now, self.config.start_from)
         self.ledger = Ledger(self.rules, state)
         self.log.info(
             "state loaded",
@@ -191,7 +229,39 @@ class ProjectPoller:
             cursor=iso_time(state.cursor),
             pending=len(state.pending),
         )
+        self._start_note = self._earlier_start(now, state.start_point)
+        if self._start_note is not None:
+            note = self._start_note
+            self.log.warning(
+                "start_from reaches before the recorded start point; the messages in between "
+                "are not counted",
+                start_from=format_duration(round(note.start_from)),
+                wanted_start=iso_time(note.wanted),
+                start_point=iso_time(note.start_point),
+                backfill=note.command,
+            )
         self._publish(polled=False, up=False, duration=None, error=None)
+
+    def _earlier_start(self, now: float, start_point: float) -> StartNote | None:
+        """A note when start_from would now start counting before the recorded start point."""
+        wanted = now - self.config.start_from
+        if wanted >= start_point - START_NOTE_TOLERANCE:
+            return None
+        source = self.config.source
+        config_file = "" if source.startswith("<") else f" --config.file {shlex.quote(source)}"
+        # Backfill counts messages created before --to; live counting, those from the start point
+        # on. Creation times are whole seconds: the next whole second leaves no gap between them.
+        command = (
+            f"signalwire-exporter backfill{config_file} --from {iso_time(wanted)} "
+            f"--to {iso_time(math.ceil(start_point))} --output history.om"
+        )
+        return StartNote(
+            start_from=self.config.start_from,
+            wanted=wanted,
+            start_point=start_point,
+            command=command,
+            one_project_config=len(self.config.projects) > 1,
+        )
 
     def run(self) -> None:
         """Poll until stopped; never raises, so one project's trouble never stops another's."""
@@ -238,6 +308,7 @@ class ProjectPoller:
                     # uncommitted, as the README promises; the next start redoes it.
                     raise Stopped("stopping")
                 self.store.commit(self.project.name, delta)
+                self.recent.add(self.clock(), delta.totals)
                 self.ledger.apply(delta)
                 self._late(delta)
                 if plan.window_end is None:
@@ -520,6 +591,8 @@ class ProjectPoller:
             failure_ratios=self.ledger.failure_ratios(self.clock()),
             error_info=dict(state.error_info),
             catch_up=self._progress,
+            recent=self.recent.summary(self.clock()),
+            start_note=self._start_note,
         )
         if self.on_publish is not None:
             self.on_publish(self.status)

@@ -20,11 +20,16 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.config import ListenAddress, format_duration
-from exporter.poller import ProjectStatus
+from exporter.logs import scrub
+from exporter.poller import ProjectStatus, StartNote
+from exporter.recent import RecentSummary
 from exporter.webconfig import WebConfig
 
 # A client that connects and sends nothing must not hold a thread for long.
 REQUEST_TIMEOUT = 10.0
+# The landing page reloads itself this often (seconds): a poll is every 30 s by default.
+LANDING_REFRESH = 30
+DOCUMENTATION = "https://github.com/signalwire-exporter/signalwire-exporter#readme"
 
 
 class ExporterServer(ThreadingHTTPServer):
@@ -40,8 +45,10 @@ class ExporterServer(ThreadingHTTPServer):
         statuses: Callable[[], Sequence[ProjectStatus]],
         ready: Callable[[], bool],
         web: WebConfig | None = None,
+        demo: bool = False,
     ) -> None:
         self.web = web or WebConfig()
+        self.demo = demo  # the landing page says the data is simulated
         self.registry = registry
         self.statuses = statuses
         self.ready = ready
@@ -128,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._metrics(head)
         elif path == "/":
-            self._send(200, "text/html; charset=utf-8", _landing(self.server.statuses()), head)
+            page = _landing(self.server.statuses(), self.server.demo)
+            self._send(200, "text/html; charset=utf-8", page, head)
         elif path == "/-/healthy":
             self._send(200, "text/plain; charset=utf-8", b"Healthy.\n", head)
         elif path == "/-/ready":
@@ -178,33 +186,156 @@ def _catch_up(status: ProjectStatus) -> str:
     return f"catching up: {progress.share:.0%} of {span}, {rate}{left}"
 
 
-def _landing(statuses: Sequence[ProjectStatus]) -> bytes:
-    now = time.time()
-    rows = []
-    for s in statuses:
-        up = "not polled yet" if not s.polled else "up" if s.up else "down"
-        age = (
-            "never"
-            if s.last_success is None
-            else f"{format_duration(round(now - s.last_success))} ago"
-        )
-        cursor = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s.cursor))
-        cells = [s.name, up, age, cursor, _catch_up(s), str(s.pending_total), s.last_error or ""]
-        rows.append(
-            f'<tr class="{html.escape(up.split()[0])}">'
-            + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-            + "</tr>"
-        )
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222}
+h1{margin:0 0 .2em}
+p{margin:.4em 0}
+.demo{background:#fff3cd;border:1px solid #d9a400;border-radius:4px;padding:.6em 1em;
+font-weight:600;max-width:60em}
+table{border-collapse:collapse;margin:1em 0}
+th,td{padding:.35em .6em;text-align:left;vertical-align:top}
+th{border-bottom:2px solid #bbb;font-weight:600;font-size:.9em}
+tbody{border-bottom:1px solid #ddd}
+.n{text-align:right;font-variant-numeric:tabular-nums}
+td.n,td.w,th{white-space:nowrap}
+td.c{min-width:11em}
+th small{display:block;font-weight:normal;color:#555}
+tr.up td:nth-child(2){color:#080;font-weight:600}
+tr.down td:nth-child(2){color:#b00;font-weight:600}
+tr.not td:nth-child(2){color:#777;white-space:nowrap}
+tr.detail td{padding-top:0;font-size:.9em}
+tr.detail .what{color:#555}
+tr.error td{color:#b00}
+code{background:#f2f2f2;padding:.1em .3em;border-radius:3px;overflow-wrap:anywhere}
+.quiet{color:#555;font-size:.9em;max-width:60em}
+"""
+# (heading, its second line, class: "n" a number, right-aligned, "w" a short text, unwrapped, "c"
+# the catch-up's progress, wide enough for it)
+_HEADINGS = (
+    ("project", "", ""),  # plain cells: names without spaces, and the status (styled by row)
+    ("status", "", ""),
+    ("polled", "last success", "w"),
+    ("settled", "last hour*", "n"),
+    ("settled", "last 24 h*", "n"),
+    ("outbound failed", "last hour*", "n"),
+    ("spend (USD)", "today, UTC*", "n"),
+    ("spend (USD)", "last 24 h*", "n"),
+    ("pending", "now", "n"),
+    ("catch-up", "", "c"),
+)
+
+
+def _ago(now: float, moment: float | None) -> str:
+    if moment is None:
+        return "never"
+    return f"{format_duration(max(0, round(now - moment)))} ago"
+
+
+def _usd(nano: int) -> str:
+    """US dollars from nano-dollars: cents from $1 up (and for none), hundredths of a cent below."""
+    usd = nano / 1e9
+    return f"${usd:,.2f}" if usd >= 1 or not nano else f"${usd:.4f}"
+
+
+def _ratio(recent: RecentSummary) -> str:
+    ratio = recent.failure_ratio_hour
+    if ratio is None:
+        return "no outbound"
+    return f"{ratio:.1%} ({recent.outbound_failed_hour:,} of {recent.outbound_hour:,})"
+
+
+def _figures(recent: RecentSummary | None) -> list[str]:
+    """Settled last hour and 24 h, outbound failure ratio, spend today and over 24 h."""
+    if recent is None:
+        return ["n/a"] * 5
+    return [
+        f"{recent.settled_hour:,}",
+        f"{recent.settled_day:,}",
+        _ratio(recent),
+        _usd(recent.charge_nano_today),
+        _usd(recent.charge_nano_day),
+    ]
+
+
+def _detail(kind: str, what: str, body: str) -> str:
+    """A full-width line under a project's row; `body` is HTML already escaped."""
+    return (
+        f'<tr class="detail {kind}"><td></td><td colspan="{len(_HEADINGS) - 1}">'
+        f'<span class="what">{html.escape(what)}:</span> {body}</td></tr>'
+    )
+
+
+def _start_note(note: StartNote) -> str:
+    return f"{html.escape(note.text)}<br><code>{html.escape(note.command)}</code>"
+
+
+def _project(s: ProjectStatus, now: float) -> str:
+    up = "not polled yet" if not s.polled else "up" if s.up else "down"
+    cells = [
+        s.name,
+        up,
+        _ago(now, s.last_success),
+        *_figures(s.recent),
+        f"{s.pending_total:,}",
+        _catch_up(s),
+    ]
+    row = "".join(
+        f'<td class="{align}">{html.escape(c)}</td>' if align else f"<td>{html.escape(c)}</td>"
+        for c, (_, _, align) in zip(cells, _HEADINGS, strict=True)
+    )
+    lines = [f'<tr class="{html.escape(up.split()[0])}">{row}</tr>']
+    if s.last_error:
+        # Tokens never reach an error text; scrubbed all the same, as the logs are.
+        lines.append(_detail("error", "last error", html.escape(scrub(s.last_error))))
+    if s.start_note is not None:
+        lines.append(_detail("note", "history not counted", _start_note(s.start_note)))
+    return "<tbody>" + "".join(lines) + "</tbody>"
+
+
+def _since(statuses: Sequence[ProjectStatus]) -> str:
+    starts = [s.recent.since for s in statuses if s.recent is not None]
+    if not starts:
+        return ""
+    return f" (started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(min(starts)))})"
+
+
+def _landing(
+    statuses: Sequence[ProjectStatus], demo: bool = False, now: float | None = None
+) -> bytes:
+    now = time.time() if now is None else now
+    banner = (
+        '<p class="demo">Demo: simulated data from the built-in SignalWire simulator, '
+        "not from a SignalWire account.</p>\n"
+        if demo
+        else ""
+    )
+    headings = "".join(
+        (f'<th class="{align}">' if align else "<th>")
+        + html.escape(h)
+        + (f"<small>{html.escape(sub)}</small>" if sub else "")
+        + "</th>"
+        for h, sub, align in _HEADINGS
+    )
+    projects = "\n".join(_project(s, now) for s in statuses)
+    shown = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    since = html.escape(_since(statuses))
     page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>SignalWire Exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em .8em;text-align:left}}
-tr.up td:nth-child(2){{color:green}}tr.down td:nth-child(2){{color:#b00}}</style></head>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{LANDING_REFRESH}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>SignalWire Exporter</title>
+<style>{_STYLE}</style></head>
 <body><h1>SignalWire Exporter</h1>
-<p>Version {html.escape(__version__)}. Metrics: <a href="metrics">/metrics</a>.
-Health: <a href="-/healthy">/-/healthy</a>, <a href="-/ready">/-/ready</a>.</p>
-<table><tr><th>project</th><th>status</th><th>last successful poll</th><th>cursor</th>
-<th>backlog</th><th>pending messages</th><th>last error</th></tr>
-{"".join(rows)}
-</table></body></html>
+{banner}<p>Version {html.escape(__version__)}. Metrics: <a href="metrics">/metrics</a>.
+Health: <a href="-/healthy">/-/healthy</a>, <a href="-/ready">/-/ready</a>.
+See the <a href="{html.escape(DOCUMENTATION)}">documentation</a>.</p>
+<table><thead><tr>{headings}</tr></thead>
+{projects}
+</table>
+<p class="quiet">* Counted in memory since the exporter started, up to 24 h{since}:
+a restart starts these figures again from zero. A message counts when it settles, as in /metrics.
+Outbound failed: failed or undelivered among the outbound messages settled.</p>
+<p class="quiet">As of {html.escape(shown)}; this page reloads every {LANDING_REFRESH} s.</p>
+</body></html>
 """
     return page.encode("utf-8")

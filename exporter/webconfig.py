@@ -6,56 +6,99 @@ exporter-toolkit, so the file users already have for node_exporter works here to
       key_file: server.key
       client_auth_type: RequireAndVerifyClientCert   # default NoClientCert
       client_ca_file: ca.crt
+      client_allowed_sans: [prometheus.example.com]  # optional: SANs a client certificate needs
       min_version: TLS12
     basic_auth_users:
       prometheus: $2y$10$...           # a bcrypt hash: htpasswd -nBC 10 "" | tr -d ':\n'
 
-Relative paths are relative to the web configuration file, as in the toolkit.
+Relative paths are relative to the web configuration file, as in the toolkit. The file is read
+like the main configuration (keys written twice are refused), and every key of the toolkit's
+format that this exporter cannot honour is refused by name rather than ignored: see
+docs/web-config.md.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import ssl
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import bcrypt
-import yaml
+import structlog
 
-from exporter.config import ConfigError
+from exporter.config import ConfigError, load_yaml
 
 CLIENT_AUTH_TYPES = {
     "NoClientCert": ssl.CERT_NONE,
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
-# Python's TLS cannot ask for a client certificate without verifying it.
-UNSUPPORTED_CLIENT_AUTH_TYPES = ("RequestClientCert", "RequireAnyClientCert")
+# Python's TLS cannot ask for a client certificate without verifying it. (RequireClientCert is
+# the toolkit's old name for RequireAnyClientCert.)
+UNSUPPORTED_CLIENT_AUTH_TYPES = ("RequestClientCert", "RequireAnyClientCert", "RequireClientCert")
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
     "TLS11": ssl.TLSVersion.TLSv1_1,
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
+_TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 _TLS_KEYS = {
     "cert_file",
     "key_file",
     "client_auth_type",
     "client_ca_file",
+    "client_ca",
+    "client_allowed_sans",
     "min_version",
     "max_version",
-    "cipher_suites",
     "prefer_server_cipher_suites",
-    "curve_preferences",
-    "client_allowed_sans",
 }
-_TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
-_HTTP_KEYS = {"http2", "headers"}
+_HTTP_KEYS = {"headers", "http2"}
+# Keys of the exporter-toolkit's format that this exporter refuses instead of ignoring, and why.
+UNSUPPORTED_KEYS = {
+    "rate_limit": "this exporter does not rate-limit requests; remove the key",
+    "tls_server_config.cert": (
+        "an inline certificate is not supported; put it in a file and use cert_file"
+    ),
+    "tls_server_config.key": (
+        "an inline private key is not supported; put it in a file only the exporter can read "
+        "and use key_file"
+    ),
+    "tls_server_config.cipher_suites": (
+        "cipher suites cannot be chosen here (the names are those of Go's TLS library, this "
+        "exporter's TLS is OpenSSL with its default suites); remove the key"
+    ),
+    "tls_server_config.curve_preferences": (
+        "curves cannot be chosen here (Python's ssl module cannot set a preference list); "
+        "remove the key"
+    ),
+}
+# Booleans as the toolkit's YAML library (yaml.v2, YAML 1.1) reads them.
+_TRUE = {"y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"}
+_FALSE = {"n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"}
+# Short names of subject attributes, for log lines.
+_SUBJECT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "domainComponent": "DC",
+    "streetAddress": "STREET",
+    "userId": "UID",
+}
+
+Error = Callable[[str, str], ConfigError]
 
 
 @dataclass
@@ -97,6 +140,102 @@ class WebConfig:
     tls: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # tls_server_config.client_allowed_sans; None when not set. The TLS context enforces it on
+    # every connection (see _AllowedSansSocket).
+    client_allowed_sans: frozenset[str] | None = None
+
+    def admits(self, cert: Mapping[str, Any] | None) -> bool:
+        """Whether a client presenting `cert` (as ssl's getpeercert() returns it: None when the
+        client sent no certificate) may be served."""
+        if self.client_allowed_sans is None:
+            return True
+        return sans_admit(cert, self.client_allowed_sans)
+
+
+def certificate_sans(cert: Mapping[str, Any]) -> list[str]:
+    """The SANs of a certificate that the toolkit compares, written as it writes them: DNS names,
+    e-mail addresses and URIs as in the certificate, IP addresses as Go prints them."""
+    sans = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind in ("DNS", "email", "URI"):
+            sans.append(str(value))
+        elif kind == "IP Address":
+            sans.append(_go_ip(str(value)))
+    return sans
+
+
+def sans_admit(cert: Mapping[str, Any] | None, allowed: frozenset[str]) -> bool:
+    """The toolkit's check: at least one SAN of the certificate is exactly one of `allowed`.
+    No certificate passes no check."""
+    return cert is not None and any(san in allowed for san in certificate_sans(cert))
+
+
+def certificate_subject(cert: Mapping[str, Any] | None) -> str:
+    """The subject of a certificate as one string, most specific first (`CN=x,O=y`)."""
+    if not cert:
+        return "(no certificate)"
+    parts = []
+    for rdn in reversed(cert.get("subject", ())):
+        parts.append(
+            "+".join(
+                f"{_SUBJECT_NAMES.get(name, name)}={_escape_dn(str(value))}" for name, value in rdn
+            )
+        )
+    return ",".join(parts) or "(empty subject)"
+
+
+def _escape_dn(value: str) -> str:
+    return "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+
+
+def _go_ip(text: str) -> str:
+    """An IP address as Go's net.IP.String() writes it (RFC 5952 for IPv6, dotted quad for IPv4
+    and IPv4-mapped IPv6); ssl writes IPv6 SANs as eight uppercase groups."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return text
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class ClientCertificateRefused(ssl.SSLError):
+    """A client's certificate has none of client_allowed_sans, or the client sent none."""
+
+
+class _AllowedSansSocket(ssl.SSLSocket):
+    """A server-side TLS socket that, once the handshake has verified the client's certificate,
+    refuses a client without an allowed SAN: the toolkit checks the same in the handshake (Go's
+    VerifyPeerCertificate); Python's ssl has no such hook, so the check follows the handshake,
+    before a byte of the request is read. The caller closes the socket on the error, as on any
+    failed handshake."""
+
+    allowed_sans: frozenset[str] = frozenset()
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        cert = self.getpeercert()
+        if sans_admit(cert, self.allowed_sans):
+            return
+        client = "unknown"
+        with contextlib.suppress(OSError):
+            client = str(self.getpeername()[0])
+        found = certificate_sans(cert) if cert else []
+        structlog.get_logger().warning(
+            "client certificate refused: no SAN in client_allowed_sans",
+            subject=certificate_subject(cert),
+            sans=",".join(found) or "(none)",
+            client=client,
+        )
+        raise ClientCertificateRefused("client certificate has no SAN in client_allowed_sans")
+
+
+def _allowed_sans_socket(allowed: frozenset[str]) -> type[ssl.SSLSocket]:
+    class AllowedSansSocket(_AllowedSansSocket):
+        allowed_sans = allowed
+
+    return AllowedSansSocket
 
 
 def load_web_config(path: str) -> WebConfig:
@@ -106,34 +245,47 @@ def load_web_config(path: str) -> WebConfig:
         return ConfigError(f"{path}: {key}: {message}")
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: web configuration file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read: not UTF-8 text") from None
+    data = load_yaml(text, path)
     if data is None:
         return WebConfig()
     if not isinstance(data, dict):
         raise error("(top level)", "must be a mapping")
     _known(data, _TOP_KEYS, "", error)
-    base = Path(path).parent
-    tls = _tls(data.get("tls_server_config"), base, error)
+    tls, allowed = _tls(data.get("tls_server_config"), Path(path).parent, error)
     auth = _auth(data.get("basic_auth_users"), error)
     headers = _headers(data.get("http_server_config"), error)
-    return WebConfig(tls, auth, headers)
+    return WebConfig(tls, auth, headers, allowed)
 
 
-def _known(section: dict[str, Any], allowed: set[str], prefix: str, error: Any) -> None:
+def _known(section: dict[str, Any], allowed: set[str], prefix: str, error: Error) -> None:
     for key in section:
+        name = f"{prefix}{key}"
+        if name in UNSUPPORTED_KEYS:
+            raise error(name, f"not supported by this exporter: {UNSUPPORTED_KEYS[name]}")
         if key not in allowed:
-            raise error(f"{prefix}{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+            raise error(name, f"unknown key; allowed: {', '.join(sorted(allowed))}")
 
 
-def _tls(section: Any, base: Path, error: Any) -> ssl.SSLContext | None:
+def _bool(value: Any, key: str, error: Error) -> bool:
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise error(key, f"must be true or false, not {value!r}")
+
+
+def _tls(
+    section: Any, base: Path, error: Error
+) -> tuple[ssl.SSLContext | None, frozenset[str] | None]:
     if section is None:
-        return None
+        return None, None
     if not isinstance(section, dict):
         raise error("tls_server_config", "must be a mapping")
     _known(section, _TLS_KEYS, "tls_server_config.", error)
@@ -147,14 +299,7 @@ def _tls(section: Any, base: Path, error: Any) -> ssl.SSLContext | None:
             raise error(f"tls_server_config.{key}", "must be a file path")
         return str(base / value)
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(resolve("cert_file"), resolve("key_file"))
-    except (OSError, ssl.SSLError) as exc:
-        raise error(
-            "tls_server_config.cert_file", f"cannot load certificate and key: {exc}"
-        ) from None
-    auth_type = section.get("client_auth_type", "NoClientCert")
+    auth_type = section.get("client_auth_type") or "NoClientCert"
     if auth_type in UNSUPPORTED_CLIENT_AUTH_TYPES:
         raise error(
             "tls_server_config.client_auth_type",
@@ -166,29 +311,97 @@ def _tls(section: Any, base: Path, error: Any) -> ssl.SSLContext | None:
             "tls_server_config.client_auth_type",
             f"{auth_type!r} is not one of {', '.join(CLIENT_AUTH_TYPES)}",
         )
+    ca_keys = [key for key in ("client_ca_file", "client_ca") if section.get(key)]
+    if len(ca_keys) == 2:
+        raise error("tls_server_config.client_ca", "set client_ca_file or client_ca, not both")
+    if ca_keys and auth_type == "NoClientCert":
+        raise error(
+            f"tls_server_config.{ca_keys[0]}",
+            "is set but client_auth_type is NoClientCert, so no client certificate is asked "
+            "for; set client_auth_type: RequireAndVerifyClientCert",
+        )
+    if not ca_keys and auth_type != "NoClientCert":
+        raise error("tls_server_config.client_ca_file", f"is required with {auth_type}")
+    allowed = _allowed_sans(section, auth_type, error)
+    versions = {}
+    for key in ("min_version", "max_version"):
+        version = section.get(key)
+        if version is None:
+            continue
+        if version not in TLS_VERSIONS:
+            raise error(
+                f"tls_server_config.{key}", f"{version!r} is not one of {', '.join(TLS_VERSIONS)}"
+            )
+        versions[key] = TLS_VERSIONS[version]
+    minimum = versions.get("min_version", ssl.TLSVersion.TLSv1_2)  # the toolkit's default
+    maximum = versions.get("max_version", ssl.TLSVersion.TLSv1_3)
+    if maximum < minimum:
+        raise error(
+            "tls_server_config.max_version",
+            f"{section.get('max_version')} is below min_version "
+            f"{section.get('min_version', 'TLS12')}",
+        )
+    prefer_server = True  # the toolkit's default
+    if section.get("prefer_server_cipher_suites") is not None:
+        prefer_server = _bool(
+            section["prefer_server_cipher_suites"],
+            "tls_server_config.prefer_server_cipher_suites",
+            error,
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(resolve("cert_file"), resolve("key_file"))
+    except (OSError, ssl.SSLError) as exc:
+        raise error(
+            "tls_server_config.cert_file", f"cannot load certificate and key: {exc}"
+        ) from None
     context.verify_mode = CLIENT_AUTH_TYPES[auth_type]
-    if section.get("client_ca_file"):
+    if "client_ca_file" in ca_keys:
         try:
             context.load_verify_locations(resolve("client_ca_file"))
         except (OSError, ssl.SSLError) as exc:
             raise error("tls_server_config.client_ca_file", f"cannot load: {exc}") from None
-    elif auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert"):
-        raise error("tls_server_config.client_ca_file", f"is required with {auth_type}")
-    for key, attribute in (("min_version", "minimum_version"), ("max_version", "maximum_version")):
-        if key in section:
-            version = section[key]
-            if version not in TLS_VERSIONS:
-                raise error(
-                    f"tls_server_config.{key}",
-                    f"{version!r} is not one of {', '.join(TLS_VERSIONS)}",
-                )
-            setattr(context, attribute, TLS_VERSIONS[version])
-    if "min_version" not in section:
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    elif "client_ca" in ca_keys:
+        if not isinstance(section["client_ca"], str):
+            raise error("tls_server_config.client_ca", "must be PEM text")
+        try:
+            context.load_verify_locations(cadata=section["client_ca"])
+        except (ValueError, ssl.SSLError) as exc:
+            raise error("tls_server_config.client_ca", f"cannot load: {exc}") from None
+    context.minimum_version = minimum
+    context.maximum_version = maximum
+    if prefer_server:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if allowed is not None:
+        context.sslsocket_class = _allowed_sans_socket(allowed)
+    return context, allowed
 
 
-def _auth(section: Any, error: Any) -> BasicAuth | None:
+def _allowed_sans(section: dict[str, Any], auth_type: str, error: Error) -> frozenset[str] | None:
+    key = "tls_server_config.client_allowed_sans"
+    value = section.get("client_allowed_sans")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise error(key, "must be a list of SANs (DNS names, IP addresses, e-mail addresses, URIs)")
+    if not value:
+        raise error(key, "is empty, so no client could connect; list SANs or remove the key")
+    for entry in value:
+        if not isinstance(entry, str) or not entry:
+            raise error(key, f"{entry!r} is not a SAN (a DNS name, IP address, e-mail or URI)")
+    if auth_type == "NoClientCert":
+        raise error(
+            key,
+            "needs client certificates, but client_auth_type is NoClientCert; set "
+            "client_auth_type: RequireAndVerifyClientCert and client_ca_file",
+        )
+    return frozenset(value)
+
+
+def _auth(section: Any, error: Error) -> BasicAuth | None:
     if section is None:
         return None
     if not isinstance(section, dict) or not section:
@@ -201,13 +414,25 @@ def _auth(section: Any, error: Any) -> BasicAuth | None:
     return BasicAuth(users)
 
 
-def _headers(section: Any, error: Any) -> dict[str, str]:
+def _headers(section: Any, error: Error) -> dict[str, str]:
     if section is None:
         return {}
     if not isinstance(section, dict):
         raise error("http_server_config", "must be a mapping")
     _known(section, _HTTP_KEYS, "http_server_config.", error)
+    if section.get("http2") is not None and _bool(
+        section["http2"], "http_server_config.http2", error
+    ):
+        raise error(
+            "http_server_config.http2",
+            "HTTP/2 is not supported by this exporter (it serves HTTP/1.1); "
+            "set http2: false or remove the key",
+        )
     headers = section.get("headers") or {}
     if not isinstance(headers, dict):
         raise error("http_server_config.headers", "must be a mapping of header to value")
-    return {str(k): str(v) for k, v in headers.items()}
+    for name, value in headers.items():
+        if not isinstance(value, str | None):
+            raise error(f"http_server_config.headers.{name}", "must be a string")
+    # "Unset if blank", as the toolkit documents.
+    return {str(k): v for k, v in headers.items() if v}

@@ -1,8 +1,9 @@
-"""--web.config.file: TLS, client certificates and basic auth on every path; a real Prometheus
-scrapes through both."""
+"""--web.config.file: TLS, client certificates (and their allowed SANs) and basic auth on every
+path; a real Prometheus scrapes through both; a key the exporter cannot honour is exit 2."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 import requests
+import structlog
 import yaml
 
 from exporter.config import ConfigError, ListenAddress
@@ -27,6 +29,15 @@ from tests.helpers import ROOT, free_port, wait_for
 
 PASSWORD = "s3cret-scrape-password"
 PATHS = ("/", "/metrics", "/-/healthy", "/-/ready", "/nope")
+# Client certificates signed by the test CA, by name: the extension file of each.
+SAN_CLIENTS = {
+    "scraper": "subjectAltName=DNS:scraper.example,URI:spiffe://example.org/prometheus",
+    # ssl shows this SAN as 2001:DB8:0:0:0:0:0:1; the toolkit compares Go's 2001:db8::1.
+    "ipv6-scraper": "subjectAltName=IP:2001:db8:0:0:0:0:0:1",
+    "intruder": "subjectAltName=DNS:intruder.example,IP:127.0.0.1,"
+    "email:intruder@example.org,URI:spiffe://example.org/intruder",
+}
+ALLOWED_SANS = ["scraper.example", "2001:db8::1", "ops@example.org"]
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -35,13 +46,15 @@ def openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all from openssl."""
+    """A CA, a server certificate for 127.0.0.1, a client certificate without SANs and those of
+    SAN_CLIENTS, all from openssl."""
     if shutil.which("openssl") is None:
         pytest.fail("openssl is not installed: run `make test` (it installs it)")
     d = tmp_path_factory.mktemp("pki")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
             "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)  # fmt: skip
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+    clients = (("server", "subjectAltName=IP:127.0.0.1"), ("client", ""), *SAN_CLIENTS.items())
+    for name, extra in clients:
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
                 f"{name}.csr", "-subj", f"/CN={name}", cwd=d)  # fmt: skip
         (d / f"{name}.ext").write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
@@ -204,24 +217,180 @@ def test_a_bad_web_config_is_a_clear_error(
     assert key in str(info.value)
 
 
-def test_a_bad_web_config_exits_2_with_one_line(pki: Path, tmp_path: Path) -> None:
-    path = web_config(pki, basic_auth_users={"u": "plaintext"})
+def run_with_web_config(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m exporter run` with a valid configuration and the web configuration `path`."""
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
             {"projects": [{"name": "p", "space": "x", "project_id": "i", "api_token": "t"}]}
         )
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", "--config.file", str(config),
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "run", "--config.file", str(config),
          "--web.config.file", str(path), "--web.listen-address", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=30, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
+
+
+def test_a_bad_web_config_exits_2_with_one_line(pki: Path, tmp_path: Path) -> None:
+    path = web_config(pki, basic_auth_users={"u": "plaintext"})
+    result = run_with_web_config(path, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "basic_auth_users.u" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+TLS_FILES = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (TLS_FILES + "  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384]\n",
+         "tls_server_config.cipher_suites"),
+        (TLS_FILES + "  curve_preferences: [X25519]\n", "tls_server_config.curve_preferences"),
+        ("tls_server_config:\n  cert: PEM\n  key_file: server.key\n", "tls_server_config.cert"),
+        ("tls_server_config:\n  cert_file: server.crt\n  key: PEM\n", "tls_server_config.key"),
+        ("rate_limit:\n  interval: 1s\n  burst: 20\n", "rate_limit"),
+        ("http_server_config:\n  http2: true\n", "http_server_config.http2"),
+    ],
+)  # fmt: skip
+def test_a_toolkit_key_this_exporter_cannot_honour_exits_2_naming_it(
+    pki: Path, tmp_path: Path, text: str, key: str
+) -> None:
+    path = pki / f"unsupported-{key}.yml"
+    path.write_text(text)
+    result = run_with_web_config(path, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{path}: {key}: " in lines[0] and "not supported" in lines[0], lines[0]
+
+
+def test_a_key_written_twice_exits_2_naming_file_and_line(pki: Path, tmp_path: Path) -> None:
+    path = pki / "twice.yml"
+    path.write_text(TLS_FILES + "  client_auth_type: NoClientCert\n  cert_file: other.crt\n")
+    result = run_with_web_config(path, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{path}: line 5, column 3: " in lines[0] and "'cert_file'" in lines[0], lines[0]
+
+
+def allowed_sans_config(pki: Path, auth_type: str = "RequireAndVerifyClientCert") -> Path:
+    return web_config(
+        pki,
+        tls_server_config={
+            "cert_file": "server.crt",
+            "key_file": "server.key",
+            "client_auth_type": auth_type,
+            "client_ca_file": "ca.crt",
+            "client_allowed_sans": ALLOWED_SANS,
+        },
+    )
+
+
+def get_with(pki: Path, address: str, client: str | None) -> requests.Response:
+    cert = None if client is None else (str(pki / f"{client}.crt"), str(pki / f"{client}.key"))
+    return requests.get(
+        f"https://{address}/metrics", verify=str(pki / "ca.crt"), cert=cert, timeout=5
+    )
+
+
+def test_client_allowed_sans_serves_a_listed_san_and_refuses_the_others(pki: Path) -> None:
+    for address in serve(allowed_sans_config(pki)):
+        with structlog.testing.capture_logs() as logs:
+            for client in ("scraper", "ipv6-scraper"):
+                ok = get_with(pki, address, client)
+                assert ok.status_code == 200, client
+                assert "signalwire_up" in ok.text
+            # Signed by the same CA, but no SAN in the list (or no SAN at all): refused.
+            for client in ("intruder", "client"):
+                with pytest.raises(requests.ConnectionError):
+                    get_with(pki, address, client)
+        refusals = [e for e in logs if e["log_level"] == "warning"]
+        assert [e["subject"] for e in refusals] == ["CN=intruder", "CN=client"], logs
+        assert "client_allowed_sans" in refusals[0]["event"]
+        assert "intruder.example" in refusals[0]["sans"]
+
+
+def test_a_refused_client_is_closed_before_its_request_is_read(pki: Path) -> None:
+    for address in serve(allowed_sans_config(pki)):
+        host, port = address.split(":")
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "intruder.crt"), str(pki / "intruder.key"))
+        received = b""
+        with (
+            contextlib.suppress(OSError),  # ssl.SSLError and resets are OSErrors
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            # With TLS 1.3 the client's handshake ends before the server has checked its
+            # certificate, so the request may go out; nothing may come back.
+            tls.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            while chunk := tls.recv(4096):
+                received += chunk
+        assert received == b""
+
+
+def test_client_allowed_sans_with_verify_if_given_refuses_a_client_without_certificate(
+    pki: Path,
+) -> None:
+    for address in serve(allowed_sans_config(pki, "VerifyClientCertIfGiven")):
+        assert get_with(pki, address, "scraper").status_code == 200
+        for client in (None, "intruder"):
+            with pytest.raises(requests.ConnectionError):
+                get_with(pki, address, client)
+
+
+def test_an_inline_client_ca_verifies_client_certificates(pki: Path) -> None:
+    config = web_config(
+        pki,
+        tls_server_config={
+            "cert_file": "server.crt",
+            "key_file": "server.key",
+            "client_auth_type": "RequireAndVerifyClientCert",
+            "client_ca": (pki / "ca.crt").read_text(),
+        },
+    )
+    for address in serve(config):
+        assert get_with(pki, address, "client").status_code == 200
+        with pytest.raises(requests.ConnectionError):
+            get_with(pki, address, None)
+
+
+def test_max_version_is_enforced(pki: Path) -> None:
+    config = web_config(
+        pki,
+        tls_server_config={
+            "cert_file": "server.crt",
+            "key_file": "server.key",
+            "max_version": "TLS12",
+        },
+    )
+    for address in serve(config):
+        host, port = address.split(":")
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        with (
+            pytest.raises(ssl.SSLError),
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            pass
+
+
+@pytest.mark.parametrize(("written", "server_order"), [("false", False), ("true", True)])
+def test_prefer_server_cipher_suites_sets_who_picks_the_cipher(
+    pki: Path, written: str, server_order: bool
+) -> None:
+    path = pki / f"prefer-{written}.yml"
+    path.write_text(TLS_FILES + f"  prefer_server_cipher_suites: {written}\n")
+    context = load_web_config(str(path)).tls
+    assert context is not None
+    assert bool(context.options & ssl.OP_CIPHER_SERVER_PREFERENCE) is server_order
 
 
 def test_real_prometheus_scrapes_through_tls_and_basic_auth(

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from exporter.client import Stopped
 from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import PollDelta, PollPlan
-from exporter.poller import Counters, ProjectPoller
+from exporter.poller import Counters, ProjectPoller, iso_time
 from exporter.simulator import Simulator, SimulatorServer, Step
 from exporter.store import Store
 
@@ -34,6 +35,7 @@ def make_poller(
     token: str = TOKEN,
     token_file: str | None = None,
     start_from: float = 60.0,
+    source: str = "<config>",
 ) -> tuple[ProjectPoller, Counters]:
     project = ProjectConfig("prod", base_url, PID, token, token_file)
     config = Config(
@@ -44,6 +46,7 @@ def make_poller(
         settle=SettleConfig(timeout=60.0),
         request_timeout=1.0,
         page_size=2,
+        source=source,
     )
     counters = Counters()
     poller = ProjectPoller(project, config, Store(config.state_path), counters, threading.Event())
@@ -51,15 +54,14 @@ def make_poller(
     return poller, counters
 
 
-def add(simulator: Simulator, status: str = "delivered", **fields: object) -> None:
+def add(simulator: Simulator, status: str = "delivered", direction: str = "outbound-api") -> None:
     simulator.add_message(
         PID,
-        direction="outbound-api",
+        direction=direction,
         kind="sms",
         created_at=math.floor(time.time()) - 5,
         segments=1,
         timeline=[Step(0, status, charge=0.01)],
-        **fields,  # type: ignore[arg-type]
     )
 
 
@@ -184,3 +186,73 @@ def test_a_poll_whose_answers_arrive_after_stop_is_abandoned_uncommitted(
         poller.poll_once()
     assert commits == [], "nothing of the abandoned poll is written"
     assert not poller.status.polled and poller.status.totals == {}
+
+
+def test_the_status_sums_what_settled_lately(api: tuple[Simulator, str], tmp_path: Path) -> None:
+    simulator, base_url = api
+    for _ in range(3):
+        add(simulator)
+    add(simulator, "undelivered")
+    add(simulator, "received", direction="inbound")
+    add(simulator, "sent")  # pending: not settled, not counted
+    poller, _ = make_poller(tmp_path, base_url)
+    loaded = poller.status.recent
+    assert loaded is not None and loaded.settled_day == 0
+    assert poller.poll_once()
+    recent = poller.status.recent
+    assert recent is not None
+    assert (recent.settled_hour, recent.settled_day) == (5, 5)
+    assert (recent.outbound_hour, recent.outbound_failed_hour) == (4, 1)
+    assert recent.charge_nano_day == recent.charge_nano_today == 5 * 10_000_000
+    add(simulator)
+    assert poller.poll_once()
+    recent = poller.status.recent
+    assert recent is not None and recent.settled_hour == 6
+
+
+def test_a_start_from_reaching_before_the_recorded_start_point_is_pointed_out(
+    api: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    _simulator, base_url = api
+    first, _ = make_poller(tmp_path, base_url, start_from=60.0)
+    assert first.ledger is not None and first.status.start_note is None
+    recorded = first.ledger.state.start_point
+    first.store.close()
+    with capture_logs() as logs:
+        poller, _ = make_poller(
+            tmp_path, base_url, start_from=86400.0, source="/etc/signalwire exporter.yaml"
+        )
+    poller.store.close()
+    note = poller.status.start_note
+    assert note is not None
+    assert note.start_point == recorded
+    assert note.wanted == pytest.approx(time.time() - 86400.0, abs=10)
+    command = (
+        "signalwire-exporter backfill --config.file '/etc/signalwire exporter.yaml' "
+        f"--from {iso_time(note.wanted)} --to {iso_time(math.ceil(recorded))} --output history.om"
+    )
+    assert note.command == command
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1
+    assert warnings[0]["event"].startswith("start_from reaches before the recorded start point")
+    assert warnings[0]["wanted_start"] == iso_time(note.wanted)
+    assert warnings[0]["start_point"] == iso_time(recorded)
+    assert warnings[0]["backfill"] == command
+    assert iso_time(note.wanted) in note.text and iso_time(recorded) in note.text
+    assert poller.ledger is not None and poller.ledger.state.start_point == recorded  # unmoved
+
+
+def test_the_same_or_a_shorter_start_from_after_the_first_start_says_nothing(
+    api: tuple[Simulator, str], tmp_path: Path
+) -> None:
+    _simulator, base_url = api
+    first, _ = make_poller(tmp_path, base_url, start_from=3600.0)
+    first.store.close()
+    # 3602 s: a few seconds further back than the start point recorded a moment ago, within the
+    # clock's jitter between starts.
+    for start_from in (3600.0, 3602.0, 60.0, 0.0):
+        with capture_logs() as logs:
+            poller, _ = make_poller(tmp_path, base_url, start_from=start_from)
+        poller.store.close()
+        assert poller.status.start_note is None
+        assert [e for e in logs if e["log_level"] == "warning"] == []

@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import requests
@@ -15,9 +16,11 @@ from exporter import __version__
 from exporter.catchup import Progress
 from exporter.config import ListenAddress
 from exporter.ledger import Totals
+from exporter.logs import redact
 from exporter.metrics import build_registry
-from exporter.poller import Counters, ProjectStatus
-from exporter.server import ExporterServer
+from exporter.poller import Counters, ProjectStatus, StartNote
+from exporter.recent import RecentSummary
+from exporter.server import ExporterServer, _landing
 from tests.helpers import parse_metrics, select
 
 STATUS = ProjectStatus(
@@ -55,7 +58,7 @@ DOWN = ProjectStatus(
 
 
 class Fixture:
-    def __init__(self) -> None:
+    def __init__(self, demo: bool = False) -> None:
         self.statuses = [STATUS, DOWN]
         self.is_ready = False
         self.counters = Counters()
@@ -64,7 +67,11 @@ class Fixture:
         self.counters.request("staging", "error")
         registry = build_registry(lambda: self.statuses, self.counters)
         self.server = ExporterServer(
-            ListenAddress("127.0.0.1", 0), registry, lambda: self.statuses, lambda: self.is_ready
+            ListenAddress("127.0.0.1", 0),
+            registry,
+            lambda: self.statuses,
+            lambda: self.is_ready,
+            demo=demo,
         )
         self.server.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -125,6 +132,15 @@ def test_metrics_exposes_the_contract_names_and_labels(web: Fixture) -> None:
     )
     assert select(samples, "signalwire_api_requests_total", project="production", code="200")
     assert select(samples, "signalwire_invalid_records_total", project="staging").popitem()[1] == 0
+    assert select(samples, "signalwire_late_records_total", project="staging").popitem()[1] == 0
+    # Every reason of failed polls is there from the start, at 0 until it happens.
+    errors = select(samples, "signalwire_poll_errors_total", project="production")
+    assert {dict(k)["reason"]: v for k, v in errors.items()} == {
+        "api": 0,
+        "auth": 0,
+        "state": 0,
+        "internal": 0,
+    }
     assert select(samples, "signalwire_exporter_build_info", version=__version__)
     assert not re.search(r"_created[{ ]", response.text)  # no _created series
     assert "# TYPE signalwire_messages_total counter" in response.text
@@ -163,6 +179,123 @@ def test_landing_page_shows_each_project_without_secrets_and_escaped(web: Fixtur
     assert ">3<" in page  # pending messages
     assert ">none<" in page  # production is not catching up; staging is:
     assert "catching up: 25% of 1d, 2,500 messages/s, about 1m left" in page
+
+
+NOW = 1_800_000_012.0
+BUSY = ProjectStatus(
+    name="production",
+    polled=True,
+    up=True,
+    last_success=NOW - 12,
+    cursor=NOW - 20,
+    pending={("outbound-api", "sms", "sent"): 3, ("outbound-api", "mms", "queued"): 4},
+    recent=RecentSummary(
+        since=NOW - 7200,
+        settled_hour=1234,
+        settled_day=20_345,
+        outbound_hour=24,
+        outbound_failed_hour=2,
+        charge_nano_today=41_500_000,
+        charge_nano_day=12_345_678_900,
+    ),
+)
+NEW = ProjectStatus(name="new", recent=RecentSummary(since=NOW - 7200))
+HOSTILE = "<script>alert(1)</script>"
+
+
+def cells(page: str, project: str) -> list[str]:
+    """The cells of a project's row, as HTML."""
+    row = re.search(rf'<tr class="\w+"><td>{project}</td>(.*?)</tr>', page)
+    assert row is not None, page
+    return [f"<td>{project}</td>", *re.findall(r"<td[^>]*>.*?</td>", row.group(1))]
+
+
+def test_landing_page_shows_each_figure_of_a_project_with_data() -> None:
+    page = _landing([BUSY, DOWN, NEW], now=NOW).decode()
+    row = [re.sub(r"<[^>]+>", "", c) for c in cells(page, "production")]
+    assert row == [
+        "production",
+        "up",
+        "12s ago",  # how fresh
+        "1,234",  # settled, last hour
+        "20,345",  # settled, last 24 h
+        "8.3% (2 of 24)",  # outbound failed or undelivered, last hour
+        "$0.0415",  # spend today (UTC)
+        "$12.35",  # spend, last 24 h
+        "7",  # pending
+        "none",  # catch-up
+    ]
+    headings = [re.sub(r"<[^>]+>", " ", h).strip() for h in re.findall(r"<th.*?</th>", page)]
+    assert headings[3:8] == [
+        "settled last hour*",
+        "settled last 24 h*",
+        "outbound failed last hour*",
+        "spend (USD) today, UTC*",
+        "spend (USD) last 24 h*",
+    ]
+    assert "since the exporter started, up to 24 h (started 2027-01-15 06:00 UTC)" in page
+    assert re.sub(r"<[^>]+>", "", cells(page, "new")[1]) == "not polled yet"
+    assert [re.sub(r"<[^>]+>", "", c) for c in cells(page, "new")[3:8]] == [
+        "0",
+        "0",
+        "no outbound",
+        "$0.00",
+        "$0.00",
+    ]
+    assert [re.sub(r"<[^>]+>", "", c) for c in cells(page, "staging")[3:8]] == ["n/a"] * 5
+    assert "last error:</span> SignalWire API: 503 &lt;b&gt;" in page
+    for link in ("metrics", "-/healthy", "-/ready"):
+        assert f'href="{link}"' in page
+    docs = '<a href="https://github.com/signalwire-exporter/signalwire-exporter#readme">'
+    assert docs + "documentation</a>" in page
+
+
+def test_landing_page_escapes_hostile_text_and_never_shows_a_token() -> None:
+    token = "PTlanding-secret-token"
+    redact(token)
+    hostile = ProjectStatus(
+        name="production",
+        polled=True,
+        last_error=f"SignalWire API: {HOSTILE} echoed {token}",
+        start_note=StartNote(
+            start_from=86400.0,
+            wanted=NOW - 86400,
+            start_point=NOW - 60,
+            command=f"signalwire-exporter backfill --config.file '{HOSTILE}.yaml'",
+        ),
+    )
+    page = _landing([hostile], now=NOW).decode()
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert token not in page and "&lt;redacted&gt;" in page
+
+
+def test_landing_page_shows_a_start_from_before_the_recorded_start_point() -> None:
+    note = StartNote(
+        start_from=86400.0,
+        wanted=NOW - 86400,
+        start_point=NOW - 3600,
+        command="signalwire-exporter backfill --from 2027-01-14T08:00:12Z "
+        "--to 2027-01-15T07:00:12Z --output history.om",
+    )
+    page = _landing([replace(BUSY, start_note=note), DOWN], now=NOW).decode()
+    assert page.count('<tr class="detail note">') == 1
+    assert "start_from (1d) would start counting at 2027-01-14T08:00:12Z" in page
+    assert "recorded at the first start, 2027-01-15T07:00:12Z" in page
+    assert f"<code>{note.command}</code>" in page
+
+
+def test_landing_page_marks_the_demo_only_and_refreshes_itself(web: Fixture) -> None:
+    page = requests.get(f"{web.url}/", timeout=5).text
+    assert '<meta http-equiv="refresh" content="30">' in page
+    assert "simulated" not in page.lower()
+    demo = Fixture(demo=True)
+    try:
+        page = requests.get(f"{demo.url}/", timeout=5).text
+    finally:
+        demo.server.stop()
+    assert '<p class="demo">Demo: simulated data' in page
+    assert '<meta http-equiv="refresh" content="30">' in page
 
 
 def test_health_readiness_and_404(web: Fixture) -> None:

@@ -79,7 +79,8 @@ class Exporter:
         self.log.info(
             "starting",
             version=__version__,
-            listen_address=self.server.url,
+            listen_address=self.server.bound,
+            url=self.server.url,
             projects=",".join(p.name for p in self.config.projects),
             state_path=self.config.state_path,
         )

@@ -77,7 +77,8 @@ def run_demo(listen: ListenAddress | None, rate: float, web: WebConfig | None = 
             print(
                 f"SignalWire simulator: {api.base_url}/api/messaging/logs "
                 f"(project {DEMO_PROJECT_ID}, {rate:g} messages/s)\n"
-                f"Exporter:             {url}/  (metrics: {url}/metrics)\n"
+                f"Exporter:             {url}/  (metrics: {url}/metrics; listening on "
+                f"{exporter.server.bound})\n"
                 "Counts appear within a few seconds. Press Ctrl-C to stop.",
                 file=sys.stderr,
                 flush=True,

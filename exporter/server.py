@@ -58,6 +58,12 @@ class ExporterServer(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
 
     @property
+    def bound(self) -> str:
+        """The address really listened on, as HOST:PORT (0.0.0.0: every interface)."""
+        host, port = str(self.server_address[0]), self.server_address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         shown = "localhost" if host in ("0.0.0.0", "::") else str(host)

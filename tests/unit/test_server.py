@@ -325,3 +325,15 @@ def test_scrapes_are_served_concurrently_while_one_client_stalls(web: Fixture) -
         assert results == [200] * 10
     finally:
         stalled.close()
+
+
+def test_the_address_really_bound_is_told_apart_from_the_link() -> None:
+    server = ExporterServer(
+        ListenAddress("0.0.0.0", 0), build_registry(lambda: [], Counters()), list, lambda: True
+    )
+    try:
+        port = server.server_address[1]
+        assert server.bound == f"0.0.0.0:{port}"  # every interface, as it is
+        assert server.url == f"http://localhost:{port}"  # a link that opens
+    finally:
+        server.server_close()

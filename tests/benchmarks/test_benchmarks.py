@@ -30,5 +30,5 @@ def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
     assert results["short_polls_window_messages"] > 10_000
     assert [c["counted"] for c in results["catch_up"]] == [5_000], "a catch-up counts them all"
     rows = scaling(tmp_path / "growth", [3000], results)
-    assert rows[0]["late_sweep_adds_requests_per_1000"] >= 0
+    assert math.isfinite(rows[0]["late_sweep_adds_requests_per_1000"])  # a figure, not a bound
     assert [row["projects"] for row in rows[1:]] == [1, 10, 100]

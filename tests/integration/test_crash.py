@@ -483,7 +483,14 @@ def test_full_then_read_only_state_filesystem(
         # cannot see its state go read-only. What happens is a (re)start on a read-only volume:
         # it must refuse with one clear line, then resume from the state file once writable.
         daemon.kill()
-        assert mount("-o", "remount,ro", str(small_tmpfs)).returncode == 0
+        # The killed processes' files are released as the kernel tears them down, which on a busy
+        # machine can take a moment after they are gone from the process table.
+        wait_for(
+            lambda: mount("-o", "remount,ro", str(small_tmpfs)).returncode == 0,
+            10,
+            "the state filesystem remounted read-only",
+            interval=0.1,
+        )
         log_offset = len(log_bytes(daemon))
         refused = Daemon(config, tmp_path)
         refused.start(wait_ready=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from exporter.config import SettleConfig
 from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, Rules, Totals
 from exporter.records import InvalidRecord, parse_message, parse_records
-from exporter.simulator import Simulator, TrafficProfile, random_message_args
+from exporter.simulator import SimMessage, Simulator, TrafficProfile, random_message_args
 from tests.helpers import own_of, remote_of, true_country
 from tests.unit.test_ledger import reference_plan
 
@@ -164,22 +166,9 @@ def test_totals_equal_ground_truth_for_any_interleaving(
         assert now[0] < end + 10 * TIMEOUT, "pending messages never settle"
 
     assert len(settled_ids) == len(set(settled_ids)), "a message settled twice"
-    expected = sim.expected_totals(
-        PROJECT,
-        final_statuses=RULES.settle.final_statuses,
-        final_statuses_by_kind=RULES.settle.final_statuses_by_kind,
-        settle_timeout=TIMEOUT,
-        start_point=T0,
-        now=now[0],
-    )
-    got = {k: (v.messages, v.segments, v.charge_nano) for k, v in ledger.state.totals.items()}
-    assert got == expected
-    assert math.isclose(sum(v[0] for v in got.values()), len(settled_ids))
-    for dimension, by in (
-        (ledger.state.by_country, lambda m: true_country(remote_of(m))),
-        (ledger.state.by_group, lambda m: GROUPS.get(own_of(m), "ungrouped")),
-    ):
-        want = sim.expected_totals(
+
+    def truth(by: Callable[[SimMessage], str] | None = None) -> dict[Any, tuple[int, int, int]]:
+        return sim.expected_totals(
             PROJECT,
             final_statuses=RULES.settle.final_statuses,
             final_statuses_by_kind=RULES.settle.final_statuses_by_kind,
@@ -188,4 +177,13 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             now=now[0],
             by=by,
         )
+
+    got = {k: (v.messages, v.segments, v.charge_nano) for k, v in ledger.state.totals.items()}
+    assert got == truth()
+    assert math.isclose(sum(v[0] for v in got.values()), len(settled_ids))
+    for dimension, by in (
+        (ledger.state.by_country, lambda m: true_country(remote_of(m))),
+        (ledger.state.by_group, lambda m: GROUPS.get(own_of(m), "ungrouped")),
+    ):
+        want = truth(by)
         assert {k: (v.messages, v.segments, v.charge_nano) for k, v in dimension.items()} == want

@@ -52,8 +52,9 @@ CREATE TABLE IF NOT EXISTS pending (
     remote TEXT NOT NULL DEFAULT '', own TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (project, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settled (
-    project TEXT NOT NULL, created_at REAL NOT NULL, id TEXT NOT NULL,
-    PRIMARY KEY (project, created_at, id)) WITHOUT ROWID;
+    project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (project, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS settled_by_age ON settled (project, created_at);
 CREATE TABLE IF NOT EXISTS totals (
     project TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
     error_code TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
@@ -81,18 +82,9 @@ CREATE TABLE IF NOT EXISTS failure_window (
 # Version 1 -> 2: the counters by country and by number group, the pending messages' numbers, and
 # where every record is sure to have been seen (NULL: at the cursor). What was counted before has
 # no country or group on record: it is carried over as "unknown" and "ungrouped", so the new
-# counters' sums equal the message counters from the first scrape on. The settled ids are kept in
-# order of creation: they are added at one end and pruned at the other, so a commit writes a few
-# pages however many are kept (by id, each insert and delete landed on a page of its own).
+# counters' sums equal the message counters from the first scrape on.
 _MIGRATE_FROM_1 = """
 ALTER TABLE project ADD COLUMN complete_until REAL;
-DROP INDEX IF EXISTS settled_by_age;
-ALTER TABLE settled RENAME TO settled_1;
-CREATE TABLE settled (
-    project TEXT NOT NULL, created_at REAL NOT NULL, id TEXT NOT NULL,
-    PRIMARY KEY (project, created_at, id)) WITHOUT ROWID;
-INSERT INTO settled SELECT project, created_at, id FROM settled_1;
-DROP TABLE settled_1;
 ALTER TABLE pending ADD COLUMN remote TEXT NOT NULL DEFAULT '';
 ALTER TABLE pending ADD COLUMN own TEXT NOT NULL DEFAULT '';
 INSERT INTO totals_by_country
@@ -549,7 +541,7 @@ class Store:
         )
         c.executemany(
             "INSERT OR REPLACE INTO settled VALUES (?,?,?)",
-            ((project, created, i) for i, created in delta.settled_ids.items()),
+            ((project, i, created) for i, created in delta.settled_ids.items()),
         )
         c.execute(
             "DELETE FROM settled WHERE project=? AND created_at<?",

@@ -31,7 +31,6 @@ from exporter.ledger import (
     LabelKey,
     Ledger,
     LedgerState,
-    PollDelta,
     PollPlan,
     Rules,
     Totals,
@@ -195,19 +194,6 @@ def settle_history(
     return increments, ledger.state
 
 
-def seed_delta(state: LedgerState) -> PollDelta:
-    """The whole backfilled state as one commit."""
-    return PollDelta(
-        cursor=state.cursor,
-        settled_ids=dict(state.settled),
-        totals=state.totals,
-        by_country=state.by_country,
-        by_group=state.by_group,
-        pending_upserts=dict(state.pending),
-        error_info=dict(state.error_info),
-    )
-
-
 def backfill_project(
     config: Config,
     project: ProjectConfig,
@@ -261,7 +247,7 @@ def backfill_project(
                 "(or pass --to to only write the OpenMetrics file)"
             ) from None
         try:
-            store.seed(project.name, start, seed_delta(final))
+            store.seed(project.name, start, final.as_delta())
         finally:
             store.close()
         history.seeded = True

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 from exporter.catchup import Windows
 from exporter.config import Config, SettleConfig
 from exporter.countries import UNKNOWN, country_of
+from exporter.pending import MINUTE, PendingEntry, PendingSet, SettledIds, key_of
 from exporter.records import Message
 from exporter.schedule import Schedule, late_ages, schedule
 
@@ -76,9 +77,11 @@ MIDDLE_GETS_PER_POLL = 1
 RATE_MINUTES = 5
 # First-sighting counts per minute, kept this long, estimate the cost of re-listing a time range.
 HISTOGRAM_BUCKET = 60
-# Pending messages are indexed by minute of creation, so planning skips the many that the head
-# listing sees anyway without looking at them one by one.
-PENDING_BUCKET = 60
+# A poll that settles this many pending messages by their receipts, and at least this share of
+# the pending set, is a burst (a carrier's delayed receipts arriving): the next poll refreshes
+# every older pending message, by a listing where that takes fewer requests than gets.
+BURST_RECEIPTS = 100
+BURST_SHARE = 0.1
 
 
 @dataclass(slots=True)
@@ -94,7 +97,8 @@ class Totals:
 
 
 class Pending(NamedTuple):
-    """A message seen but not yet settled: its latest record and when that was observed."""
+    """A message seen but not yet settled in a poll: its latest record and when that was
+    observed. Between polls the ledger keeps less of it (`PendingSet`)."""
 
     message: Message
     observed_at: float
@@ -112,8 +116,8 @@ class LedgerState:
 
     start_point: float
     cursor: float
-    pending: dict[str, Pending] = field(default_factory=dict)
-    settled: dict[str, float] = field(default_factory=dict)  # id -> created_at, recent ones only
+    pending: PendingSet = field(default_factory=PendingSet)
+    settled: SettledIds = field(default_factory=SettledIds)  # recent ones only
     totals: dict[LabelKey, Totals] = field(default_factory=dict)
     error_info: dict[str, str] = field(default_factory=dict)  # exported error_code -> message
     window: dict[WindowKey, tuple[int, int]] = field(default_factory=dict)  # -> (settled, failed)
@@ -131,6 +135,23 @@ class LedgerState:
     def floor(self) -> float:
         """Records created before this are old: not pending, not settled recently, not new."""
         return max(self.start_point, min(self.complete_until, self.cursor) - LISTING_SLACK)
+
+    def as_delta(self) -> PollDelta:
+        """The whole state as one commit (a backfill's seed)."""
+        pending: dict[str, Pending] = {}
+        for message_id, entry in self.pending.items():
+            record = self.pending.record(message_id)
+            assert record is not None
+            pending[message_id] = Pending(record, entry.observed_at)
+        return PollDelta(
+            cursor=self.cursor,
+            settled_ids=dict(self.settled.items()),
+            totals=self.totals,
+            by_country=self.by_country,
+            by_group=self.by_group,
+            pending_upserts=pending,
+            error_info=dict(self.error_info),
+        )
 
     def error_codes(self) -> set[str]:
         return {k[3] for k in self.totals if k[3] not in ("", OTHER_ERROR_CODE)}
@@ -249,16 +270,19 @@ class PollDelta:
         return len(self.settled_ids)
 
 
+Due = tuple[str, PendingEntry]  # a pending message due for a refresh: its id and what is kept
+
+
 @dataclass(slots=True)
 class _Tiers:
     """Pending messages due for a refresh, sorted by tier for one poll's plan."""
 
     recent_since: float
-    recent: list[Pending] = field(default_factory=list)
+    recent: list[Due] = field(default_factory=list)
     recent_due: bool = False  # one of them has waited the recent tier's period
-    timed_out: list[Pending] = field(default_factory=list)
+    timed_out: list[Due] = field(default_factory=list)
     timeout_due: bool = False  # the first of them has waited the timeout tier's period
-    middle: list[tuple[float, Pending]] = field(default_factory=list)  # (overdue, message)
+    middle: list[tuple[float, Due]] = field(default_factory=list)  # (overdue, message)
 
 
 @dataclass(slots=True)
@@ -270,91 +294,33 @@ class _Choice:
     gets: list[str] = field(default_factory=list)
     timeout_due: frozenset[str] = frozenset()
 
+    def covers(self, created_at: float) -> bool:
+        return created_at >= self.head_after or any(
+            lo <= created_at <= (math.inf if hi is None else hi) for lo, hi in self.ranges
+        )
+
 
 class Ledger:
     """One project's counting state and rules.
 
-    `state.pending` and `state.settled` change only through `apply`, which keeps the indexes
-    below in step with them.
+    `state.pending` and `state.settled` change only through `apply`.
     """
 
     def __init__(self, rules: Rules, state: LedgerState) -> None:
         self.rules = rules
         self.state = state
         self._histogram: dict[int, int] = {}
-        # Kept up to date by apply(), so neither a poll nor a scrape walks every message: per raw
-        # label set, the count of pending messages and their count per minute of creation.
-        self._pending_counts: dict[tuple[str, str, str], int] = {}
-        self._pending_minutes: dict[tuple[str, str, str], dict[int, int]] = {}
-        # Recently settled ids in the groups they were settled in, each with its oldest created_at:
-        # pruning looks only at the groups old enough to hold something to prune.
-        self._settled_groups: list[tuple[float, dict[str, float]]] = []
-        self._settled_oldest = math.inf
-        if state.settled:
-            self._settled_oldest = min(state.settled.values())
-            self._settled_groups.append((self._settled_oldest, dict(state.settled)))
-        # state.pending by minute of creation: planning skips whole minutes at once.
-        self._pending_index: dict[int, dict[str, Pending]] = {}
-        # Per minute, a lower bound of its messages' observed_at: a minute of the middle tier
-        # where none can be due yet is skipped whole.
-        self._seen_bound: dict[int, float] = {}
-        self._indexed = 0
         self.windows = Windows()
         # Where the last ordinary poll's head listing started (not persisted: after a restart the
         # first poll sweeps from the cursor), and the ages at which pending messages settled.
         self._last_head: float | None = None
         self._late_ages = late_ages()
         self._schedule: Schedule | None = None
-        for pending in state.pending.values():
-            self._count_sighting(pending.message.created_at)
-            self._count_pending(pending.message, 1)
-        self._reindex_pending()
-
-    def _count_pending(self, message: Message, change: int) -> None:
-        key = (message.direction, message.kind, message.status)
-        count = self._pending_counts.get(key, 0) + change
-        minutes = self._pending_minutes.setdefault(key, {})
-        bucket = int(message.created_at // PENDING_BUCKET)
-        in_bucket = minutes.get(bucket, 0) + change
-        if in_bucket:
-            minutes[bucket] = in_bucket
-        else:
-            del minutes[bucket]
-        if count:
-            self._pending_counts[key] = count
-        else:
-            del self._pending_counts[key]
-            del self._pending_minutes[key]
-
-    def _reindex_pending(self) -> None:
-        self._pending_index = {}
-        self._seen_bound = {}
-        self._indexed = 0
-        for message_id, pending in self.state.pending.items():
-            self._index_pending(message_id, pending)
-
-    def _index_pending(self, message_id: str, pending: Pending) -> None:
-        """Add or replace a pending message in the index (its created_at unchanged)."""
-        bucket = int(pending.message.created_at // PENDING_BUCKET)
-        bound = self._seen_bound.get(bucket)
-        if bound is None or pending.observed_at < bound:
-            self._seen_bound[bucket] = pending.observed_at
-        members = self._pending_index.get(bucket)
-        if members is None:
-            self._pending_index[bucket] = {message_id: pending}
-            self._indexed += 1
-        else:
-            self._indexed += message_id not in members
-            members[message_id] = pending
-
-    def _unindex_pending(self, message_id: str, created_at: float) -> None:
-        bucket = int(created_at // PENDING_BUCKET)
-        members = self._pending_index.get(bucket)
-        if members is not None and members.pop(message_id, None) is not None:
-            self._indexed -= 1
-            if not members:
-                del self._pending_index[bucket]
-                del self._seen_bound[bucket]
+        # The last poll settled many pending messages by their receipts: the older ones are
+        # likely to have theirs too, so the next poll refreshes the whole middle tier.
+        self._receipt_burst = False
+        for _, pending in state.pending.items():
+            self._count_sighting(pending.created_at)
 
     # ----------------------------------------------------------------- planning
     def catch_up_step(self, now: float) -> PollPlan | None:
@@ -422,7 +388,7 @@ class Ledger:
         choice = _Choice(head_after=head)
         self._refresh_recent(tiers, choice, horizon)
         self._refresh_timed_out(tiers, choice)
-        self._refresh_middle(tiers, choice, now)
+        self._refresh_middle(tiers, choice)
         return PollPlan(
             now,
             ((choice.head_after, None), *choice.ranges),
@@ -439,24 +405,23 @@ class Ledger:
         covers, or in the middle tier with none due yet, are passed over at once."""
         interval, timeout = self.rules.poll_interval, self.rules.settle.timeout
         tiers = _Tiers(recent_since=now - cadence.recent_age)
-        if self._indexed != len(self.state.pending):
-            self._reindex_pending()  # a safety net: nothing but apply() should change pending
         min_wait = cadence.recent_every * interval
-        index = self._pending_index
-        for bucket in sorted(index):
-            bucket_start = bucket * PENDING_BUCKET
-            bucket_end = bucket_start + PENDING_BUCKET
-            if bucket_start + timeout > now:  # none timed out
-                if bucket_start >= head:
+        pending = self.state.pending
+        for minute in pending.minutes():
+            minute_start = minute * MINUTE
+            minute_end = minute_start + MINUTE
+            if minute_start + timeout > now:  # none timed out
+                if minute_start >= head:
                     continue  # the head listing sees them all (the common case)
-                if bucket_end <= tiers.recent_since and bucket_end <= head:
-                    self._middle_bucket(bucket, now, min_wait, tiers)
+                if minute_end <= tiers.recent_since and minute_end <= head:
+                    self._middle_minute(minute, now, min_wait, tiers)
                     continue
-            for pending in index[bucket].values():
-                created = pending.message.created_at
-                unseen = now - pending.observed_at
+            for due in pending.in_minute(minute):
+                entry = due[1]
+                created = entry.created_at
+                unseen = now - entry.observed_at
                 if created + timeout <= now:
-                    tiers.timed_out.append(pending)
+                    tiers.timed_out.append(due)
                     # Batch the timeout tier: wait until the first has been due a few polls.
                     waited = (cadence.timeout_every - 1) * interval
                     tiers.timeout_due |= created + timeout + waited <= now
@@ -464,75 +429,88 @@ class Ledger:
                     continue  # the head listing sees it
                 elif created >= tiers.recent_since:
                     if unseen >= interval * 0.5:
-                        tiers.recent.append(pending)
+                        tiers.recent.append(due)
                     tiers.recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
                 else:
                     wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
-                    if unseen >= wait:
-                        tiers.middle.append((unseen / wait, pending))
+                    if unseen >= wait or self._receipt_burst:
+                        tiers.middle.append((unseen / wait, due))
         return tiers
 
-    def _middle_bucket(self, bucket: int, now: float, min_wait: float, tiers: _Tiers) -> None:
+    def _middle_minute(self, minute: int, now: float, min_wait: float, tiers: _Tiers) -> None:
         """A minute wholly in the middle tier: the same test as in _tiers without the tier
-        checks, and none of it when even the longest unseen is not due yet."""
-        shortest_wait = max((now - (bucket + 1) * PENDING_BUCKET) / MIDDLE_AGE_DIVISOR, min_wait)
-        if now - self._seen_bound[bucket] < shortest_wait:
+        checks, and none of it when even the longest unseen is not due yet (unless a burst of
+        receipts makes every one due)."""
+        pending = self.state.pending
+        burst = self._receipt_burst
+        shortest_wait = max((now - (minute + 1) * MINUTE) / MIDDLE_AGE_DIVISOR, min_wait)
+        if not burst and now - pending.seen_bound(minute) < shortest_wait:
             return
         least_seen = math.inf
-        for pending in self._pending_index[bucket].values():
-            observed = pending.observed_at
+        for due in pending.in_minute(minute):
+            entry = due[1]
+            observed = entry.observed_at
             if observed < least_seen:
                 least_seen = observed
             unseen = now - observed
-            if unseen < min_wait:
-                continue
-            wait = (now - pending.message.created_at) / MIDDLE_AGE_DIVISOR
-            if wait < min_wait:
-                wait = min_wait
-            if unseen >= wait:
-                tiers.middle.append((unseen / wait, pending))
-        self._seen_bound[bucket] = least_seen  # exact again
+            wait = max((now - entry.created_at) / MIDDLE_AGE_DIVISOR, min_wait)
+            if unseen >= wait or burst:
+                tiers.middle.append((unseen / wait, due))
+        pending.set_seen_bound(minute, least_seen)  # exact again
 
     def _refresh_recent(self, tiers: _Tiers, choice: _Choice, horizon: float) -> None:
         """The recent tier, when due: the head listing from its oldest (a sweep too), or gets,
         whichever takes fewer requests."""
         if not (tiers.recent_due and tiers.recent):
             return
-        oldest = min(p.message.created_at for p in tiers.recent)
+        oldest = min(entry.created_at for _, entry in tiers.recent)
         extra = self._pages(oldest, None) - self._pages(choice.head_after, None)
         if extra < len(tiers.recent):
             choice.head_after = min(oldest - LISTING_SLACK, horizon)
         else:
-            choice.gets += [p.message.id for p in tiers.recent]
+            choice.gets += [message_id for message_id, _ in tiers.recent]
 
     def _refresh_timed_out(self, tiers: _Tiers, choice: _Choice) -> None:
         """Messages past settle.timeout, when a batch is due: within the head listing's reach,
         a listing of their range, or gets, whichever takes fewer requests."""
         if not (tiers.timeout_due and tiers.timed_out):
             return
-        choice.timeout_due = frozenset(p.message.id for p in tiers.timed_out)
-        low = min(p.message.created_at for p in tiers.timed_out)
-        high = max(p.message.created_at for p in tiers.timed_out)
+        choice.timeout_due = frozenset(message_id for message_id, _ in tiers.timed_out)
+        self._list_or_get(tiers.timed_out, choice, len(tiers.timed_out))
+
+    def _refresh_middle(self, tiers: _Tiers, choice: _Choice) -> None:
+        """The middle tier's due messages, on the recent tier's polls (or when it has none, or
+        after a burst of receipts): a listing of their range when it takes fewer requests than
+        getting each; else the most overdue by id, MIDDLE_GETS_PER_POLL a poll, unless a listing
+        of this poll covers them anyway."""
+        if not tiers.middle or (tiers.recent and not tiers.recent_due and not self._receipt_burst):
+            return
+        due = [pair for _, pair in tiers.middle if not choice.covers(pair[1].created_at)]
+        if due and self._range_pages(due) < len(due):
+            self._list_or_get(due, choice, len(due))
+            return
+        for _, (message_id, entry) in heapq.nlargest(
+            MIDDLE_GETS_PER_POLL, tiers.middle, key=itemgetter(0)
+        ):
+            if not choice.covers(entry.created_at):
+                choice.gets.append(message_id)
+
+    def _range_pages(self, due: list[Due]) -> int:
+        return self._pages(
+            min(entry.created_at for _, entry in due), max(entry.created_at for _, entry in due)
+        )
+
+    def _list_or_get(self, due: list[Due], choice: _Choice, gets: int) -> None:
+        """Refresh `due`: by extending the head listing when their range reaches it, else by a
+        listing of their range or by `gets` gets, whichever takes fewer requests."""
+        low = min(entry.created_at for _, entry in due)
+        high = max(entry.created_at for _, entry in due)
         if high >= choice.head_after:
             choice.head_after = min(choice.head_after, low - LISTING_SLACK)
-        elif self._pages(low, high) < len(tiers.timed_out):
+        elif self._pages(low, high) < gets:
             choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
         else:
-            choice.gets += sorted(choice.timeout_due)
-
-    @staticmethod
-    def _refresh_middle(tiers: _Tiers, choice: _Choice, now: float) -> None:
-        """The most overdue of the middle tier by id, on the recent tier's polls (or when it has
-        none), unless a listing of this poll covers them anyway."""
-        if tiers.recent and not tiers.recent_due:
-            return
-        for _, pending in heapq.nlargest(MIDDLE_GETS_PER_POLL, tiers.middle, key=itemgetter(0)):
-            created = pending.message.created_at
-            covered = created >= choice.head_after or any(
-                lo <= created <= (hi or now) for lo, hi in choice.ranges
-            )
-            if not covered:
-                choice.gets.append(pending.message.id)
+            choice.gets += sorted(message_id for message_id, _ in due)
 
     def _pages(self, since: float, until: float | None) -> int:
         """Pages a listing of [since, until] takes, from the first sightings per minute."""
@@ -568,34 +546,19 @@ class Ledger:
         if delta.receipt_ages or delta.sightings:
             self._late_ages.extend(delta.receipt_ages)
             self._schedule = None  # the traffic has moved: recompute the cadence
-        pendings = state.pending
+        pending = state.pending
+        self._receipt_burst = len(delta.receipt_ages) >= max(
+            BURST_RECEIPTS, BURST_SHARE * len(pending)
+        )
         for message_id in delta.pending_removed:
-            removed = pendings.pop(message_id, None)
-            if removed is not None:
-                self._count_pending(removed.message, -1)
-                self._unindex_pending(message_id, removed.message.created_at)
-        for message_id, pending in delta.pending_upserts.items():
-            previous = pendings.get(message_id)
-            if previous is not None:
-                self._count_pending(previous.message, -1)
-                if previous.message.created_at != pending.message.created_at:
-                    self._unindex_pending(message_id, previous.message.created_at)
-            self._count_pending(pending.message, 1)
-            self._index_pending(message_id, pending)
-            pendings[message_id] = pending
+            pending.remove(message_id)
+        for message in delta.pending_upserts.values():
+            pending.put(message.message, message.observed_at)
         for message_id, observed_at in delta.pending_seen.items():
-            known = pendings.get(message_id)
-            if known is not None and message_id not in delta.pending_removed:
-                seen_again = _new_pending(Pending, (known.message, observed_at))
-                self._index_pending(message_id, seen_again)
-                pendings[message_id] = seen_again
-        if delta.settled_ids:
-            settled_now = dict(delta.settled_ids)
-            state.settled.update(settled_now)
-            oldest = min(settled_now.values())
-            self._settled_groups.append((oldest, settled_now))
-            self._settled_oldest = min(self._settled_oldest, oldest)
-        self._prune_settled(delta.prune_settled_before)
+            if message_id not in delta.pending_removed:
+                pending.seen(message_id, observed_at)
+        state.settled.update(delta.settled_ids)
+        state.settled.prune(delta.prune_settled_before)
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
         for key, inc in delta.by_country.items():
@@ -610,34 +573,12 @@ class Ledger:
         oldest_minute = int((delta.cursor - self.rules.settle.timeout - 3600) // HISTOGRAM_BUCKET)
         self._histogram = {m: n for m, n in histogram.items() if m >= oldest_minute}
 
-    def _prune_settled(self, before: float) -> None:
-        """Forget the settled ids created before `before`: they can no longer be re-listed."""
-        if self._settled_oldest >= before:
-            return
-        groups = self._settled_groups
-        settled = self.state.settled
-        kept: list[tuple[float, dict[str, float]]] = []
-        for oldest, group in groups:
-            if oldest >= before:
-                kept.append((oldest, group))
-                continue
-            rest: dict[str, float] = {}
-            for message_id, created_at in group.items():
-                if created_at >= before:
-                    rest[message_id] = created_at
-                elif settled.get(message_id) == created_at:  # not settled again since
-                    del settled[message_id]
-            if rest:
-                kept.append((min(rest.values()), rest))
-        self._settled_groups = kept
-        self._settled_oldest = min((oldest for oldest, _ in kept), default=math.inf)
-
     # ----------------------------------------------------------------- reading
     def pending_by_labels(self) -> dict[tuple[str, str, str], int]:
         """signalwire_messages_pending: direction, kind, latest status -> count."""
         counts: dict[tuple[str, str, str], int] = {}
         labels = self.state.label_values()
-        for raw, count in self._pending_counts.items():
+        for raw, count in self.state.pending.counts.items():
             key = labels.map(*raw)
             counts[key] = counts.get(key, 0) + count
         return counts
@@ -648,17 +589,7 @@ class Ledger:
         Only the oldest minute holding each label set is looked at."""
         oldest: dict[tuple[str, str, str], float] = {}
         labels = self.state.label_values()
-        for raw, minutes in self._pending_minutes.items():
-            bucket = min(minutes)
-            members = self._pending_index.get(bucket, {}).values()
-            created = min(
-                (
-                    p.message.created_at
-                    for p in members
-                    if (p.message.direction, p.message.kind, p.message.status) == raw
-                ),
-                default=bucket * PENDING_BUCKET,
-            )
+        for raw, created in self.state.pending.oldest().items():
             key = labels.map(*raw)
             if created < oldest.get(key, math.inf):
                 oldest[key] = created
@@ -694,8 +625,8 @@ class Batch:
         self.listed = 0  # records observed, duplicates included: the size of the poll
         state = ledger.state
         settle = ledger.rules.settle
-        self._committed = state.settled
-        self._pending = state.pending
+        self._committed = state.settled.keys
+        self._pending = state.pending.keys
         # SettleConfig.is_final, taken apart so the per-record test is two set lookups.
         self._final = settle.final_statuses
         self._final_by_kind = settle.final_statuses_by_kind
@@ -725,13 +656,17 @@ class Batch:
         new_messages = ignored = 0
         for message in messages:
             message_id, created_at, direction, kind, status, code, text, _, _, _, _ = message
-            if message_id in settled or message_id in committed:
+            if message_id in settled:
+                continue
+            ref = key_of(message_id)
+            if ref in committed:
                 continue
             in_seen = message_id in seen
+            was_pending = ref in pending
             if in_seen:
                 if seen[message_id].observed_at > at:
                     continue  # an older observation arriving late never overrides a newer one
-            elif message_id not in pending:
+            elif not was_pending:
                 if created_at < floor:
                     ignored += 1
                     continue
@@ -752,7 +687,7 @@ class Batch:
                     texts[code] = text
                 if in_seen:
                     del seen[message_id]
-                if message_id in pending:
+                if was_pending:
                     settled_pending.append(message_id)
             else:
                 seen[message_id] = _new_pending(Pending, (message, at))
@@ -827,18 +762,16 @@ class Batch:
             # Rule 2: past the timeout, settle with the status observed after the timeout.
             if pending.observed_at >= pending.message.created_at + timeout:
                 settle_late(pending.message)
-            elif (known := state.pending.get(message_id)) is not None and (
-                known.message == pending.message
-            ):
+            elif state.pending.same(pending.message):
                 delta.pending_seen[message_id] = pending.observed_at  # nothing to write
             else:
                 delta.pending_upserts[message_id] = pending
         for message_id in self.gone_ids:
             if message_id in self.settled or message_id in self.seen:
                 continue
-            last = state.pending[message_id]
-            if last.message.created_at + timeout <= now:
-                settle_late(last.message)
+            last = state.pending.record(message_id)
+            if last is not None and last.created_at + timeout <= now:
+                settle_late(last)
         codes = state.error_codes()
         countries = state.countries()
         labels = state.label_values()
@@ -903,9 +836,3 @@ class Batch:
                     country = OTHER_LABEL_VALUE
             delta.by_country.setdefault((*labels, country), Totals()).add(totals)
             delta.by_group.setdefault((*labels, number_group), Totals()).add(totals)
-
-
-def new_state(now: float, start_from: float) -> LedgerState:
-    """The state of a project seen for the first time: its start point is now minus start_from."""
-    start = now - start_from
-    return LedgerState(start_point=start, cursor=start)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import sqlite3
 import struct
@@ -21,8 +22,15 @@ from pathlib import Path
 
 import structlog
 
-from exporter.ledger import LedgerState, Pending, PollDelta, Totals
+from exporter.ledger import LedgerState, PollDelta, Totals
+from exporter.pending import PendingSet, settled_prune_point
 from exporter.records import Message
+
+# A pending message's latest record, as Message's fields, then when it was observed.
+PENDING_COLUMNS = (
+    "id, created_at, direction, kind, status, error_code, error_message, segments, charge_nano,"
+    " remote, own, observed_at"
+)
 
 APPLICATION_ID = 0x53574558  # "SWEX": marks the file as ours
 SCHEMA_VERSION = 2
@@ -433,18 +441,17 @@ class Store:
                 ) from None
             return LedgerState(start_point=start, cursor=start)
         state = LedgerState(
-            start_point=row[0], cursor=row[1], complete_until=row[1] if row[2] is None else row[2]
+            start_point=row[0],
+            cursor=row[1],
+            complete_until=row[1] if row[2] is None else row[2],
+            pending=PendingSet(functools.partial(self.pending_record, project)),
         )
-        for r in c.execute(
-            "SELECT id, created_at, direction, kind, status, error_code, error_message, segments,"
-            " charge_nano, remote, own, observed_at FROM pending WHERE project=?",
-            (project,),
+        for r in c.execute(f"SELECT {PENDING_COLUMNS} FROM pending WHERE project=?", (project,)):
+            state.pending.put(Message(*r[:11]), r[11])
+        for message_id, created_at in c.execute(
+            "SELECT id, created_at FROM settled WHERE project=?", (project,)
         ):
-            message = Message(*r[:11])
-            state.pending[r[0]] = Pending(message, r[11])
-        state.settled = dict(
-            c.execute("SELECT id, created_at FROM settled WHERE project=?", (project,)).fetchall()
-        )
+            state.settled.add(message_id, created_at)
         for r in c.execute(
             "SELECT direction, kind, status, error_code, messages, segments, charge_nano"
             " FROM totals WHERE project=?",
@@ -468,6 +475,15 @@ class Store:
         ):
             state.window[(r[0], r[1], r[2])] = (r[3], r[4])
         return state
+
+    def pending_record(self, project: str, message_id: str) -> Message | None:
+        """A pending message's latest record as committed (the ledger keeps less of it)."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {PENDING_COLUMNS} FROM pending WHERE project=? AND id=?",
+                (project, message_id),
+            ).fetchone()
+        return None if row is None else Message(*row[:11])
 
     def commit(self, project: str, delta: PollDelta) -> None:
         """Write one poll's effects atomically; on failure raise CommitError, change nothing."""
@@ -545,7 +561,7 @@ class Store:
         )
         c.execute(
             "DELETE FROM settled WHERE project=? AND created_at<?",
-            (project, delta.prune_settled_before),
+            (project, settled_prune_point(delta.prune_settled_before)),
         )
         for table, increments in (
             ("totals", delta.totals),

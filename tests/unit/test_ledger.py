@@ -19,12 +19,12 @@ from exporter.ledger import (
     Batch,
     Ledger,
     LedgerState,
-    Pending,
     PollDelta,
     PollPlan,
     Rules,
     Totals,
 )
+from exporter.pending import PendingEntry
 from exporter.records import Message
 
 T0 = 1_800_000_000.0
@@ -105,7 +105,7 @@ def test_rule2_settles_when_first_observed_in_a_final_status() -> None:
     assert ledger.pending_by_labels() == {("outbound-api", "sms", "sent"): 1}
     poll(ledger, T0 + 20, msg("a", "delivered"))
     assert totals(ledger) == {("outbound-api", "sms", "delivered", ""): (1, 1, 4_150_000)}
-    assert ledger.state.pending == {}
+    assert len(ledger.state.pending) == 0
 
 
 def test_rule2_final_statuses_by_kind_settle_mms_at_sent() -> None:
@@ -145,7 +145,7 @@ def test_rule2_timeout_settles_with_the_status_observed_after_the_timeout() -> N
     ledger.apply(delta)
     assert delta.settled_by_timeout == 1
     assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 1, 7)}
-    assert ledger.state.pending == {}
+    assert len(ledger.state.pending) == 0
 
 
 def test_rule2_timeout_without_refresh_does_not_settle() -> None:
@@ -161,7 +161,7 @@ def test_rule2_timeout_of_a_message_gone_from_the_api_settles_with_its_last_stat
     poll(ledger, T0 + 10, msg("a", "sent", segments=2))
     poll(ledger, T0 + TIMEOUT + 50, gone=("a",))
     assert totals(ledger) == {("outbound-api", "sms", "sent", ""): (1, 2, 4_150_000)}
-    assert ledger.state.pending == {}
+    assert len(ledger.state.pending) == 0
 
 
 def test_a_gone_message_before_its_timeout_stays_pending() -> None:
@@ -233,7 +233,7 @@ def test_rule5_messages_created_before_the_start_point_are_never_counted() -> No
     ledger = new_ledger()
     poll(ledger, T0 + 10, msg("old", "delivered", created=T0 - 1), msg("old2", "sent", T0 - 5))
     assert totals(ledger) == {}
-    assert ledger.state.pending == {}
+    assert len(ledger.state.pending) == 0
     poll(ledger, T0 + TIMEOUT + 20, msg("old2", "sent", T0 - 5))
     assert totals(ledger) == {}
 
@@ -377,9 +377,11 @@ def test_recent_pending_messages_are_got_by_id_when_a_re_list_costs_more() -> No
 
 
 def test_older_pending_messages_are_got_by_id_rarely_and_few_per_poll() -> None:
-    ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
     now = T0 + 5000
-    poll(ledger, T0 + 10, *(msg(f"m{i}", "sent", now - 3600 - i) for i in range(3)))
+    # A few pending among many settled: a listing of their range would take more requests.
+    settled = (msg(f"s{i}", "delivered", now - 3600 - i * 0.01) for i in range(50))
+    poll(ledger, T0 + 10, *(msg(f"m{i}", "sent", now - 3600 - i) for i in range(3)), *settled)
     ledger.state.cursor = ledger.state.complete_until = now - 30
     for i in range(3):
         aged(ledger, f"m{i}", 600, now)  # an hour old: refreshed every 15 minutes
@@ -387,6 +389,22 @@ def test_older_pending_messages_are_got_by_id_rarely_and_few_per_poll() -> None:
     aged(ledger, "m1", 1000, now)
     aged(ledger, "m2", 950, now)
     assert ledger.plan(now).get_ids == ("m1",)  # the most overdue, one per poll
+    assert len(ledger.plan(now).listings) == 1  # and no listing of their range
+
+
+def test_many_old_pending_messages_are_refreshed_by_a_listing_of_their_range() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+    now = T0 + 5000
+    # Many pending in a range that takes fewer pages than they would take gets.
+    old = [msg(f"m{i}", "sent", now - 3600 - i) for i in range(40)]
+    poll(ledger, T0 + 10, *old)
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    for m in old:
+        aged(ledger, m.id, 1000, now)  # all overdue (every 15 minutes at an hour old)
+    plan = ledger.plan(now)
+    assert plan.get_ids == ()
+    low, high = now - 3600 - 39, now - 3600
+    assert plan.listings[1:] == ((low - LISTING_SLACK, high + LISTING_SLACK),)
 
 
 def test_timed_out_messages_are_refreshed_in_batches_by_a_range_or_by_id() -> None:
@@ -437,51 +455,63 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     cadence = ledger.schedule()
     horizon = state.cursor - LISTING_SLACK
     head = ledger.head_start(now, cadence)
-    recent: list[Pending] = []
-    timed_out: list[Pending] = []
-    middle: list[tuple[float, Pending]] = []
+    burst = ledger._receipt_burst
+    recent: list[tuple[str, PendingEntry]] = []
+    timed_out: list[tuple[str, PendingEntry]] = []
+    middle: list[tuple[float, tuple[str, PendingEntry]]] = []
     recent_due = timeout_due = False
-    for pending in state.pending.values():
-        created = pending.message.created_at
+    for message_id, pending in state.pending.items():
+        created = pending.created_at
         unseen = now - pending.observed_at
         if created + timeout <= now:
-            timed_out.append(pending)
+            timed_out.append((message_id, pending))
             timeout_due |= created + timeout + (cadence.timeout_every - 1) * interval <= now
         elif created >= head:
             continue
         elif created >= now - cadence.recent_age:
             if unseen >= interval * 0.5:
-                recent.append(pending)
+                recent.append((message_id, pending))
             recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
         else:
             wait = max((now - created) / MIDDLE_AGE_DIVISOR, cadence.recent_every * interval)
-            if unseen >= wait:
-                middle.append((unseen / wait, pending))
+            if unseen >= wait or burst:
+                middle.append((unseen / wait, (message_id, pending)))
     head_after = head
     ranges: list[tuple[float, float | None]] = []
     gets: list[str] = []
+
+    def covered(created: float) -> bool:
+        return created >= head_after or any(lo <= created <= (hi or now) for lo, hi in ranges)
+
     if recent_due and recent:
-        oldest = min(p.message.created_at for p in recent)
+        oldest = min(p.created_at for _, p in recent)
         if ledger._pages(oldest, None) - ledger._pages(head, None) < len(recent):
             head_after = min(oldest - LISTING_SLACK, horizon)
         else:
-            gets += [p.message.id for p in recent]
+            gets += [i for i, _ in recent]
     refreshed: frozenset[str] = frozenset()
     if timeout_due and timed_out:
-        refreshed = frozenset(p.message.id for p in timed_out)
-        low = min(p.message.created_at for p in timed_out)
-        high = max(p.message.created_at for p in timed_out)
+        refreshed = frozenset(i for i, _ in timed_out)
+        low = min(p.created_at for _, p in timed_out)
+        high = max(p.created_at for _, p in timed_out)
         if high >= head_after:
             head_after = min(head_after, low - LISTING_SLACK)
         elif ledger._pages(low, high) < len(timed_out):
             ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
         else:
             gets += sorted(refreshed)
-    middle.sort(key=lambda item: item[0], reverse=True)
-    for _, pending in middle[:MIDDLE_GETS_PER_POLL] if recent_due or not recent else []:
-        created = pending.message.created_at
-        if not (created >= head_after or any(lo <= created <= (hi or now) for lo, hi in ranges)):
-            gets.append(pending.message.id)
+    if middle and (recent_due or not recent or burst):
+        due = [(i, p) for _, (i, p) in middle if not covered(p.created_at)]
+        low = min((p.created_at for _, p in due), default=0.0)
+        high = max((p.created_at for _, p in due), default=0.0)
+        if due and ledger._pages(low, high) < len(due):
+            # A listing of their range takes fewer requests than getting each.
+            ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+        else:
+            middle.sort(key=lambda item: item[0], reverse=True)
+            for _, (message_id, pending) in middle[:MIDDLE_GETS_PER_POLL]:
+                if not covered(pending.created_at):
+                    gets.append(message_id)
     return PollPlan(now, ((head_after, None), *ranges), horizon, tuple(gets), refreshed)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import math
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ from structlog.testing import capture_logs
 
 from exporter.config import SettleConfig
 from exporter.ledger import Ledger, LedgerState, Pending, PollDelta, Rules, Totals
+from exporter.pending import PendingSet, settled_prune_point
 from exporter.records import Message
 from exporter.store import APPLICATION_ID, LOCK_WAIT, CommitError, StateError, Store
 
@@ -84,16 +86,48 @@ def reopened(path: str, project: str = "production") -> LedgerState:
     """The project's state as a fresh process would load it."""
     s = Store(path)
     try:
-        return s.load(project, NOW + 10_000, 0.0)
+        return detached(s.load(project, NOW + 10_000, 0.0))
     finally:
         s.close()
+
+
+def detached(state: LedgerState) -> LedgerState:
+    """`state` with its pending messages' records read from the state file while it is open."""
+    pending = PendingSet()
+    for message_id, entry in state.pending.items():
+        record = state.pending.record(message_id)
+        assert record is not None
+        pending.put(record, entry.observed_at)
+    state.pending = pending
+    return state
+
+
+def pending_of(state: LedgerState) -> dict[str, Pending]:
+    """The pending messages' latest records (read back from the state file) and observed_at."""
+    records = {i: state.pending.record(i) for i in state.pending}
+    return {i: Pending(r, e.observed_at) for i, e in state.pending.items() if (r := records[i])}
+
+
+def observed(pending: dict[str, Pending]) -> dict[str, Pending]:
+    """As the ledger keeps them: observed_at to the whole second after created_at below."""
+    return {
+        i: Pending(
+            p.message, p.message.created_at + math.floor(p.observed_at - p.message.created_at)
+        )
+        for i, p in pending.items()
+    }
+
+
+def settled_of(settled: dict[str, float]) -> dict[str, float]:
+    """Settled ids as the ledger keeps them: with the end of their minute of creation."""
+    return {i: float((c // 60 + 1) * 60) for i, c in settled.items()}
 
 
 def assert_same_state(actual: LedgerState, expected: LedgerState) -> None:
     assert actual.start_point == expected.start_point
     assert actual.cursor == expected.cursor
-    assert actual.pending == expected.pending
-    assert actual.settled == expected.settled
+    assert pending_of(actual) == pending_of(expected)
+    assert dict(actual.settled.items()) == dict(expected.settled.items())
     assert actual.totals == expected.totals
     assert actual.by_country == expected.by_country
     assert actual.by_group == expected.by_group
@@ -190,16 +224,16 @@ def test_commit_load_round_trip_of_every_part(store: Store, path: str) -> None:
     state = reopened(path)
     assert state.start_point == NOW - 500
     assert state.cursor == NOW - 60
-    assert state.pending == delta.pending_upserts
-    assert state.pending["b"].message.error_message == "Message filtered by carrier"
-    assert state.pending["a"].message.error_message is None
-    assert state.settled == delta.settled_ids
+    assert pending_of(state) == observed(delta.pending_upserts)
+    assert pending_of(state)["b"].message.error_message == "Message filtered by carrier"
+    assert pending_of(state)["a"].message.error_message is None
+    assert dict(state.settled.items()) == settled_of(delta.settled_ids)
     assert state.totals == delta.totals
     assert state.by_country == delta.by_country
     assert state.by_group == delta.by_group
     assert state.complete_until == delta.complete_until
-    assert state.pending["a"].message.remote == "+14165550100"
-    assert state.pending["a"].message.own == "+15551230000"
+    assert pending_of(state)["a"].message.remote == "+14165550100"
+    assert pending_of(state)["a"].message.own == "+15551230000"
     assert state.error_info == delta.error_info
     assert state.window == delta.window_add
 
@@ -216,7 +250,8 @@ def test_second_commit_accumulates_replaces_and_prunes(store: Store, path: str) 
             totals={KEY: Totals(1, 1, 4_150_000), ("inbound", "mms", "received", ""): Totals(1)},
             pending_upserts={"a": newer_a, "c": Pending(message("c", NOW - 10), NOW)},
             pending_removed={"b", "never-pending"},
-            prune_settled_before=NOW - 150,  # drops s1 and s2, keeps s3 and the new ones
+            # Drops s1 and s2, keeps s3 and the new ones (pruned at the start of its minute).
+            prune_settled_before=NOW - 90,
             error_info={"30003": "Handset unreachable (new wording)", "30007": "Filtered"},
             window_add={
                 (int(NOW) - 5, "inbound", "sms"): (2, 1),  # accumulates
@@ -229,8 +264,10 @@ def test_second_commit_accumulates_replaces_and_prunes(store: Store, path: str) 
     state = reopened(path)
     assert state.cursor == NOW - 30
     assert set(state.pending) == {"a", "c"}
-    assert state.pending["a"] == newer_a
-    assert state.settled == {"s3": NOW - 100, "b": NOW - 30.5, "s4": NOW - 20}
+    assert pending_of(state)["a"] == observed({"a": newer_a})["a"]
+    assert dict(state.settled.items()) == settled_of(
+        {"s3": NOW - 100, "b": NOW - 30.5, "s4": NOW - 20}
+    )
     assert state.totals == {
         KEY: Totals(3, 4, 12_450_000),
         ("inbound", "sms", "received", ""): Totals(1, 1, 4_150_000),
@@ -352,7 +389,7 @@ def next_delta() -> PollDelta:
 
 def test_a_commit_refused_by_the_database_changes_nothing(path: str) -> None:
     s = committed_once(path)
-    before = s.load("production", NOW, 0.0)
+    before = detached(s.load("production", NOW, 0.0))
     s._conn.execute("PRAGMA query_only=ON")
     with pytest.raises(CommitError, match=r"state\.db"):
         s.commit("production", next_delta())
@@ -370,7 +407,7 @@ def reopened_after_close(s: Store, path: str) -> LedgerState:
 
 def test_a_commit_failing_half_way_is_rolled_back(path: str) -> None:
     s = committed_once(path)
-    before = s.load("production", NOW, 0.0)
+    before = detached(s.load("production", NOW, 0.0))
     # The cursor, pending and settled rows are written before the totals: fail there.
     s._conn.execute(
         "CREATE TEMP TRIGGER fail_totals BEFORE UPDATE ON main.totals"
@@ -384,7 +421,7 @@ def test_a_commit_failing_half_way_is_rolled_back(path: str) -> None:
 
 def test_a_commit_with_a_value_sqlite_cannot_store_is_rolled_back(path: str) -> None:
     s = committed_once(path)
-    before = s.load("production", NOW, 0.0)
+    before = detached(s.load("production", NOW, 0.0))
     bad = next_delta()
     bad.error_info = {"30003": object()}  # type: ignore[dict-item]
     with pytest.raises(CommitError):
@@ -673,7 +710,10 @@ def test_kill_9_in_the_middle_of_commits_never_shows_half_a_delta(path: str) -> 
         assert n >= last_reported, "a commit that returned was lost"
         assert state.totals == {("outbound-api", "sms", "delivered", ""): Totals(n, 2 * n, 3 * n)}
         assert set(state.pending) == {f"p{n}"}
-        assert state.settled == {f"s{i}": float(i) for i in range(max(1, n - 20), n + 1)}
+        kept_from = max(1, int(settled_prune_point(n - 20)))  # pruned a minute at a time
+        assert dict(state.settled.items()) == settled_of(
+            {f"s{i}": float(i) for i in range(kept_from, n + 1)}
+        )
         assert sum(s for s, _ in state.window.values()) == min(n, 21)
         assert max(k[0] for k in state.window) == n
 
@@ -847,9 +887,10 @@ def test_a_file_of_the_previous_release_is_migrated_and_keeps_its_totals(path: s
     assert state.cursor == 1789999000.0
     assert state.complete_until == state.cursor  # what version 1 guaranteed
     assert state.totals[("outbound-api", "sms", "failed", "30007")] == Totals(7, 7, 0)
-    assert state.settled == {"s1": 1789998500.0}
-    assert state.pending["p1"].message.status == "sent"
-    assert (state.pending["p1"].message.remote, state.pending["p1"].message.own) == ("", "")
+    assert dict(state.settled.items()) == settled_of({"s1": 1789998500.0})
+    p1 = pending_of(state)["p1"].message
+    assert p1.status == "sent"
+    assert (p1.remote, p1.own) == ("", "")
     # What was counted before has no country or group on record: the sums stay equal.
     assert state.by_country == {
         ("outbound-api", "sms", "delivered", "unknown"): Totals(90, 95, 373500000),
@@ -892,7 +933,7 @@ def test_a_migrated_file_goes_on_counting(path: str) -> None:
     assert state.totals[KEY] == Totals(91, 96, 377_650_000)
     assert state.by_country[(*KEY[:3], "CA")] == Totals(1, 1, 4_150_000)
     assert state.by_group[(*KEY[:3], "ungrouped")] == Totals(91, 96, 377_650_000)
-    assert state.pending == {}
+    assert len(state.pending) == 0
 
 
 def test_complete_until_starts_at_the_start_point_and_moves_only_when_given(path: str) -> None:

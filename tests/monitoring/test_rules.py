@@ -4,8 +4,8 @@ promtool validates the rule files and the Prometheus configuration and runs the 
 deploy/prometheus/tests/; amtool validates the Alertmanager configuration and its routing; a real
 Alertmanager shows the inhibitions at work. The static checks keep the files honest: every alert
 has a promtool test that sees it fire and one that sees it quiet, and a runbook entry where its
-runbook_url points; every metric the rules read is one the exporter exports (docs: the README's
-metrics table) or a rule defined here.
+runbook_url points; every metric the rules read is one the exporter exports (docs: the table in
+docs/metrics.md) or a rule defined here.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 # runbook_url is RUNBOOK_BASE + one of RUNBOOK_DOCUMENTS + "#" + the alert's name in lower case (the
 # anchor GitHub gives a `### AlertName` heading).
 RUNBOOK_BASE = "https://github.com/signalwire-exporter/signalwire-exporter/blob/main/"
-RUNBOOK_DOCUMENTS = ("README.md", "docs/runbook-insights.md")
+RUNBOOK_DOCUMENTS = ("docs/runbooks.md",)
 SEVERITIES = {"critical", "warning", "info"}
 
 # The exporter's metrics, plus Prometheus's own `up`.

@@ -78,8 +78,9 @@ RATE_MINUTES = 5
 # First-sighting counts per minute, kept this long, estimate the cost of re-listing a time range.
 HISTOGRAM_BUCKET = 60
 # A poll that settles this many pending messages by their receipts, and at least this share of
-# the pending set, is a burst (a carrier's delayed receipts arriving): the next poll refreshes
-# every older pending message, by a listing where that takes fewer requests than gets.
+# the pending set, or that settles one older than the recent tier, marks a burst (a carrier's
+# delayed receipts arriving): the next poll refreshes every older pending message, by a listing
+# where that takes fewer requests than gets.
 BURST_RECEIPTS = 100
 BURST_SHARE = 0.1
 
@@ -283,6 +284,8 @@ class _Tiers:
     timed_out: list[Due] = field(default_factory=list)
     timeout_due: bool = False  # the first of them has waited the timeout tier's period
     middle: list[tuple[float, Due]] = field(default_factory=list)  # (overdue, message)
+    head: float = math.inf  # where the head listing starts: the tiers are below it
+    middle_minutes: set[int] = field(default_factory=set)  # the minutes holding the middle tier
 
 
 @dataclass(slots=True)
@@ -388,7 +391,7 @@ class Ledger:
         choice = _Choice(head_after=head)
         self._refresh_recent(tiers, choice, horizon)
         self._refresh_timed_out(tiers, choice)
-        self._refresh_middle(tiers, choice)
+        self._refresh_middle(tiers, choice, now)
         return PollPlan(
             now,
             ((choice.head_after, None), *choice.ranges),
@@ -404,7 +407,7 @@ class Ledger:
         Pending messages are indexed by minute of creation, so whole minutes the head listing
         covers, or in the middle tier with none due yet, are passed over at once."""
         interval, timeout = self.rules.poll_interval, self.rules.settle.timeout
-        tiers = _Tiers(recent_since=now - cadence.recent_age)
+        tiers = _Tiers(recent_since=now - cadence.recent_age, head=head)
         min_wait = cadence.recent_every * interval
         pending = self.state.pending
         for minute in pending.minutes():
@@ -414,6 +417,7 @@ class Ledger:
                 if minute_start >= head:
                     continue  # the head listing sees them all (the common case)
                 if minute_end <= tiers.recent_since and minute_end <= head:
+                    tiers.middle_minutes.add(minute)
                     self._middle_minute(minute, now, min_wait, tiers)
                     continue
             for due in pending.in_minute(minute):
@@ -432,6 +436,7 @@ class Ledger:
                         tiers.recent.append(due)
                     tiers.recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
                 else:
+                    tiers.middle_minutes.add(minute)
                     wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
                     if unseen >= wait or self._receipt_burst:
                         tiers.middle.append((unseen / wait, due))
@@ -478,12 +483,15 @@ class Ledger:
         choice.timeout_due = frozenset(message_id for message_id, _ in tiers.timed_out)
         self._list_or_get(tiers.timed_out, choice, len(tiers.timed_out))
 
-    def _refresh_middle(self, tiers: _Tiers, choice: _Choice) -> None:
+    def _refresh_middle(self, tiers: _Tiers, choice: _Choice, now: float) -> None:
         """The middle tier's due messages, on the recent tier's polls (or when it has none, or
         after a burst of receipts): a listing of their range when it takes fewer requests than
         getting each; else the most overdue by id, MIDDLE_GETS_PER_POLL a poll, unless a listing
         of this poll covers them anyway."""
-        if not tiers.middle or (tiers.recent and not tiers.recent_due and not self._receipt_burst):
+        if tiers.recent and not tiers.recent_due and not self._receipt_burst:
+            return
+        if not tiers.middle:
+            self._probe_middle(tiers, choice, now)
             return
         due = [pair for _, pair in tiers.middle if not choice.covers(pair[1].created_at)]
         if due and self._range_pages(due) < len(due):
@@ -494,6 +502,40 @@ class Ledger:
         ):
             if not choice.covers(entry.created_at):
                 choice.gets.append(message_id)
+
+    def _probe_middle(self, tiers: _Tiers, choice: _Choice, now: float) -> None:
+        """With none of the middle tier due but many of them (a listing of their minutes would
+        take fewer requests than gets), get the one seen longest ago if it has waited the recent
+        tier's period: one request that tells whether receipts are arriving for the old ones (a
+        burst then refreshes them all at the next poll). A trickle of old pending messages is
+        left to its own pace."""
+        pending = self.state.pending
+        minutes = tiers.middle_minutes
+        if not minutes:
+            return
+        many = sum(pending.count_in(m) for m in minutes)
+        if self._pages(min(minutes) * MINUTE, max(minutes) * MINUTE) >= many:
+            return
+        min_wait = self.schedule().recent_every * self.rules.poll_interval
+        best: tuple[float, float, str] | None = None
+        # The minutes' bounds are lower bounds: scan in their order until none can hold better.
+        for bound, minute in sorted((pending.seen_bound(m), m) for m in tiers.middle_minutes):
+            if best is not None and bound >= best[0]:
+                break
+            least = math.inf
+            for message_id, entry in pending.in_minute(minute):
+                least = min(least, entry.observed_at)
+                created = entry.created_at
+                if not (created < tiers.recent_since and created < tiers.head):
+                    continue  # not in the middle tier
+                if created + self.rules.settle.timeout <= now:
+                    continue
+                candidate = (entry.observed_at, created, message_id)
+                if best is None or candidate < best:
+                    best = candidate
+            pending.set_seen_bound(minute, least)
+        if best is not None and now - best[0] >= min_wait and not choice.covers(best[1]):
+            choice.gets.append(best[2])
 
     def _range_pages(self, due: list[Due]) -> int:
         return self._pages(
@@ -547,9 +589,11 @@ class Ledger:
             self._late_ages.extend(delta.receipt_ages)
             self._schedule = None  # the traffic has moved: recompute the cadence
         pending = state.pending
+        # A burst of receipts: many at once, or one for a message past the recent tier.
+        recent_age = self.schedule().recent_age
         self._receipt_burst = len(delta.receipt_ages) >= max(
             BURST_RECEIPTS, BURST_SHARE * len(pending)
-        )
+        ) or any(age >= recent_age for age in delta.receipt_ages)
         for message_id in delta.pending_removed:
             pending.remove(message_id)
         for message in delta.pending_upserts.values():

@@ -7,7 +7,7 @@ what planning and settlement need, packed into one integer:
 * the id, as an integer when it is a lowercase UUID (SignalWire's ids are; 44 bytes instead of
   77 for the string), else the string itself;
 * created_at (its float's 64 bits), when last observed (whole seconds after created_at), the raw
-  direction, kind and status (an index into a table of the label sets seen), and a 40-bit
+  direction, kind and status (an index into a table of the label sets seen), and a 30-bit
   fingerprint of the other fields, so an unchanged record is told from a changed one without
   keeping it.
 
@@ -33,11 +33,12 @@ MINUTE = 60
 _DOUBLE = struct.Struct("<d")
 _BITS = struct.Struct("<Q")
 _CREATED_MASK = (1 << 64) - 1
-_SEEN_SHIFT, _SEEN_BITS = 64, 24  # seconds after created_at, up to 194 days
+# 120 bits in all while there are at most 16 label sets: four 30-bit digits, a 40-byte int.
+_SEEN_SHIFT, _SEEN_BITS = 64, 22  # whole seconds after created_at, up to 48 days
 _SEEN_MAX = (1 << _SEEN_BITS) - 1
-_PRINT_SHIFT, _PRINT_BITS = 88, 40
+_PRINT_SHIFT, _PRINT_BITS = 86, 30
 _PRINT_MASK = (1 << _PRINT_BITS) - 1
-_LABEL_SHIFT = 128
+_LABEL_SHIFT = 116
 
 
 def key_of(message_id: str) -> Key:
@@ -184,6 +185,10 @@ class PendingSet:
                 entry = self._unpack(packed)
                 if int(entry.created_at // MINUTE) == minute:
                     yield id_of(key), entry
+
+    def count_in(self, minute: int) -> int:
+        """How many pending messages were created in `minute`."""
+        return self._live.get(minute, 0)
 
     def seen_bound(self, minute: int) -> float:
         """A lower bound of when the messages of `minute` were last observed."""

@@ -407,6 +407,53 @@ def test_many_old_pending_messages_are_refreshed_by_a_listing_of_their_range() -
     assert plan.listings[1:] == ((low - LISTING_SLACK, high + LISTING_SLACK),)
 
 
+def test_many_old_pending_none_due_are_probed_by_one_get_of_the_one_seen_longest_ago() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+    now = T0 + 5000
+    old = [msg(f"m{i}", "sent", now - 3600 - i) for i in range(40)]
+    poll(ledger, T0 + 10, *old)
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    for m in old:
+        aged(ledger, m.id, 300, now)  # an hour old, seen 5 minutes ago: none due
+    aged(ledger, "m7", 310, now)
+    plan = ledger.plan(now)
+    assert plan.get_ids == ("m7",) and len(plan.listings) == 1
+    # A trickle (a listing of their minutes would take more pages than they are) is not probed.
+    sparse = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+    poll(sparse, T0 + 10, *old[:3], *(msg(f"s{i}", "delivered", now - 3600) for i in range(60)))
+    sparse.state.cursor = sparse.state.complete_until = now - 30
+    for m in old[:3]:
+        aged(sparse, m.id, 300, now)
+    assert sparse.plan(now).get_ids == ()
+
+
+def test_a_receipt_for_an_old_pending_message_refreshes_all_the_old_ones_at_the_next_poll() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+    now = T0 + 5000
+    old = [msg(f"m{i}", "sent", now - 3600 + i * 30) for i in range(40)]  # 40-20 minutes old
+    poll(ledger, T0 + 10, *old)
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    for m in old:
+        aged(ledger, m.id, 300, now)  # none due
+    plan = ledger.plan(now)
+    assert plan.get_ids == ("m0",)  # the probe
+    batch = ledger.begin(plan)
+    batch.observe(msg("m0", "delivered", old[0].created_at), now)
+    ledger.apply(batch.close(now, now))
+    after = now + 10
+    plan = ledger.plan(after)
+    # Every other one is due now, and a listing of their range is cheaper than 39 gets.
+    low, high = old[1].created_at, old[-1].created_at
+    assert plan.listings[1:] == ((low - LISTING_SLACK, high + LISTING_SLACK),)
+    batch = ledger.begin(plan)
+    batch.observe_all([m._replace(status="delivered") for m in old[1:]], after)
+    ledger.apply(batch.close(after, after))
+    assert len(ledger.state.pending) == 0
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 40
+    # With nothing more settled, the next poll is an ordinary one again.
+    assert ledger.plan(after + 10).listings[1:] == ()
+
+
 def test_timed_out_messages_are_refreshed_in_batches_by_a_range_or_by_id() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1000)
     now = T0 + 20000
@@ -512,6 +559,19 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
             for _, (message_id, pending) in middle[:MIDDLE_GETS_PER_POLL]:
                 if not covered(pending.created_at):
                     gets.append(message_id)
+    elif recent_due or not recent or burst:
+        # None of the middle tier due: a probe, the one seen longest ago, if it has waited.
+        probes = [
+            (p.observed_at, p.created_at, i)
+            for i, p in state.pending.items()
+            if p.created_at < min(head, now - cadence.recent_age) and p.created_at + timeout > now
+        ]
+        minutes = {int(created // 60) for _, created, _ in probes}
+        many = sum(int(p.created_at // 60) in minutes for _, p in state.pending.items())
+        if probes and ledger._pages(min(minutes) * 60, max(minutes) * 60) < many:
+            seen, created, message_id = min(probes)
+            if now - seen >= cadence.recent_every * interval and not covered(created):
+                gets.append(message_id)
     return PollPlan(now, ((head_after, None), *ranges), horizon, tuple(gets), refreshed)
 
 

@@ -33,13 +33,21 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from exporter.catchup import Windows
 from exporter.config import Config, SettleConfig
 from exporter.countries import UNKNOWN, country_of
-from exporter.pending import MINUTE, PendingEntry, PendingSet, SettledIds, key_of
+from exporter.pending import (
+    MINUTE,
+    Key,
+    PendingEntry,
+    PendingSet,
+    SettledIds,
+    as_key,
+    key_of,
+)
 from exporter.records import Message
 from exporter.schedule import Schedule, late_ages, schedule
 
@@ -107,8 +115,6 @@ class Pending(NamedTuple):
 
 # Builds a Pending from a tuple of its fields without the keyword-handling constructor.
 _new_pending: Callable[[type[Pending], tuple[Any, ...]], Pending] = tuple.__new__
-_segments_of = attrgetter("segments")
-_charge_of = attrgetter("charge_nano")
 
 
 @dataclass
@@ -246,13 +252,13 @@ class PollDelta:
     """What one poll changes; committed by the store, then applied to the ledger."""
 
     cursor: float
-    settled_ids: dict[str, float] = field(default_factory=dict)  # id -> created_at
+    settled_ids: dict[Key, float] = field(default_factory=dict)  # id -> created_at
     totals: dict[LabelKey, Totals] = field(default_factory=dict)  # increments
     by_country: dict[DimensionKey, Totals] = field(default_factory=dict)  # increments
     by_group: dict[DimensionKey, Totals] = field(default_factory=dict)  # increments
     pending_upserts: dict[str, Pending] = field(default_factory=dict)  # new or changed
-    pending_seen: dict[str, float] = field(default_factory=dict)  # unchanged: when seen again
-    pending_removed: set[str] = field(default_factory=set)
+    pending_seen: dict[Key, float] = field(default_factory=dict)  # unchanged: when seen again
+    pending_removed: set[Key] = field(default_factory=set)
     prune_settled_before: float = 0.0
     complete_until: float | None = None  # None: unchanged
     late_records: int = 0  # new records first seen behind the cursor
@@ -594,13 +600,14 @@ class Ledger:
         self._receipt_burst = len(delta.receipt_ages) >= max(
             BURST_RECEIPTS, BURST_SHARE * len(pending)
         ) or any(age >= recent_age for age in delta.receipt_ages)
-        for message_id in delta.pending_removed:
-            pending.remove(message_id)
+        removed = {as_key(ref) for ref in delta.pending_removed}
+        for ref in removed:
+            pending.remove(ref)
         for message in delta.pending_upserts.values():
             pending.put(message.message, message.observed_at)
-        for message_id, observed_at in delta.pending_seen.items():
-            if message_id not in delta.pending_removed:
-                pending.seen(message_id, observed_at)
+        for ref, observed_at in delta.pending_seen.items():
+            if as_key(ref) not in removed:
+                pending.seen(ref, observed_at)
         state.settled.update(delta.settled_ids)
         state.settled.prune(delta.prune_settled_before)
         for key, inc in delta.totals.items():
@@ -651,65 +658,127 @@ class Ledger:
         return {key: failed / settled for key, (settled, failed) in sums.items() if settled}
 
 
+class _Settled:
+    """The messages of one raw label set settled in a poll, summed as they come (by country and
+    number group too): a poll that settles a burst does not hold its records."""
+
+    __slots__ = ("by_pair", "charge_nano", "messages", "segments")
+
+    def __init__(self) -> None:
+        self.messages = self.segments = self.charge_nano = 0
+        self.by_pair: dict[tuple[str, str], Totals] = {}  # (country, number group) -> sums
+
+    def add(self, segments: int, charge_nano: int, pair: tuple[str, str]) -> None:
+        self.messages += 1
+        self.segments += segments
+        self.charge_nano += charge_nano
+        totals = self.by_pair.get(pair)
+        if totals is None:
+            self.by_pair[pair] = Totals(1, segments, charge_nano)
+        else:
+            totals.messages += 1
+            totals.segments += segments
+            totals.charge_nano += charge_nano
+
+    def copy(self) -> _Settled:
+        other = _Settled()
+        other.messages, other.segments, other.charge_nano = (
+            self.messages,
+            self.segments,
+            self.charge_nano,
+        )
+        other.by_pair = {
+            pair: Totals(t.messages, t.segments, t.charge_nano) for pair, t in self.by_pair.items()
+        }
+        return other
+
+
 class Batch:
     """The observations of one poll, turned into a PollDelta by `close`.
 
-    Most records settle on first sight. Those are grouped by their raw label set as they come, so
-    `close` maps labels and error codes once per label set instead of once per message.
+    Most records settle on first sight. They are summed by their raw label set as they come, so
+    `close` maps labels and error codes once per label set, and the records are not kept. A
+    pending message seen again unchanged keeps only when it was seen.
     """
 
     def __init__(self, ledger: Ledger, plan: PollPlan) -> None:
         self.ledger = ledger
         self.plan = plan
-        self.settled: dict[str, float] = {}  # id -> created_at, settled by a final status
-        self.seen: dict[str, Pending] = {}  # latest observation of each unsettled message
+        self.settled: dict[Key, float] = {}  # settled by a final status: key -> created_at
+        # The latest observation of each unsettled message that is new, changed, or past its
+        # timeout; of a pending message seen again unchanged, only when.
+        self.seen: dict[str, Pending] = {}
+        self.seen_again: dict[Key, float] = {}
         self.gone_ids: set[str] = set()
         self.new_messages = 0
         self.ignored = 0
         self.listed = 0  # records observed, duplicates included: the size of the poll
         state = ledger.state
-        settle = ledger.rules.settle
+        rules = ledger.rules
         self._committed = state.settled.keys
-        self._pending = state.pending.keys
-        # SettleConfig.is_final, taken apart so the per-record test is two set lookups.
-        self._final = settle.final_statuses
-        self._final_by_kind = settle.final_statuses_by_kind
+        self._pending = state.pending
+        self._timeout = rules.settle.timeout
+        self._number_groups = rules.number_groups
+        # The final statuses, taken apart so the per-record test is two set lookups.
+        self._final = rules.settle.final_statuses
+        self._final_by_kind = rules.settle.final_statuses_by_kind
         floor = plan.horizon if plan.floor is None else plan.floor
         self._floor = max(state.start_point, floor)  # unknown records below are ignored
         self._cursor = state.cursor  # new records first seen behind it are late
         self.late = 0
         self.lateness = 0.0
-        self._groups: dict[LabelKey, list[Message]] = {}  # settled, by raw label set
+        self._groups: dict[LabelKey, _Settled] = {}  # settled, by raw label set
         self._error_texts: dict[str, str] = {}  # raw error code -> latest settled error_message
-        self._settled_pending: list[str] = []  # settled ids that were pending before this poll
+        self._settled_pending: list[Key] = []  # settled ones that were pending before this poll
         self._sightings: dict[float, int] = {}  # created_at -> messages first seen in this poll
 
     def observe(self, message: Message, at: float) -> None:
         """One record as listed or fetched at time `at`, duplicates and stale copies included."""
         self.observe_all((message,), at)
 
+    def observed(self, message_id: str) -> bool:
+        """Whether this poll has observed the message (or it was already settled)."""
+        ref = key_of(message_id)
+        return (
+            ref in self.settled
+            or ref in self._committed
+            or message_id in self.seen
+            or ref in self.seen_again
+        )
+
     def observe_all(self, messages: Sequence[Message], at: float) -> None:
         """`observe` for each of `messages` (a page), with the loop's lookups hoisted.
 
         An observation older than one already made in this poll never overrides it."""
-        settled, committed, pending, seen = self.settled, self._committed, self._pending, self.seen
+        settled, committed, seen, again_at = (
+            self.settled,
+            self._committed,
+            self.seen,
+            self.seen_again,
+        )
+        pending = self._pending
+        pending_keys = pending.keys
         groups, texts, sightings = self._groups, self._error_texts, self._sightings
         settled_pending = self._settled_pending
         final, final_by_kind, floor = self._final, self._final_by_kind, self._floor
-        cursor = self._cursor
+        cursor, timeout, number_groups = self._cursor, self._timeout, self._number_groups
         new_messages = ignored = 0
         for message in messages:
-            message_id, created_at, direction, kind, status, code, text, _, _, _, _ = message
-            if message_id in settled:
-                continue
+            message_id, created_at, direction, kind, status, code, text, segments, charge, *_ = (
+                message
+            )
             ref = key_of(message_id)
-            if ref in committed:
+            if ref in settled or ref in committed:
                 continue
-            in_seen = message_id in seen
-            was_pending = ref in pending
-            if in_seen:
-                if seen[message_id].observed_at > at:
+            full = seen.get(message_id)
+            again = again_at.get(ref) if full is None else None  # never in both
+            was_pending = ref in pending_keys
+            if full is not None:
+                if full.observed_at > at:
                     continue  # an older observation arriving late never overrides a newer one
+            elif again is not None:
+                if again > at:
+                    continue
             elif not was_pending:
                 if created_at < floor:
                     ignored += 1
@@ -720,21 +789,29 @@ class Batch:
                     self.late += 1
                     self.lateness = max(self.lateness, at - created_at)
             if status in final or status in final_by_kind.get(kind, ()):
-                settled[message_id] = created_at
+                settled[ref] = created_at
                 key = (direction, kind, status, code)
                 group = groups.get(key)
                 if group is None:
-                    groups[key] = [message]
-                else:
-                    group.append(message)
+                    group = groups[key] = _Settled()
+                pair = (country_of(message.remote), number_groups.get(message.own, UNGROUPED))
+                group.add(segments, charge, pair)
                 if code and text:
                     texts[code] = text
-                if in_seen:
+                if full is not None:
                     del seen[message_id]
+                if again is not None:
+                    del again_at[ref]
                 if was_pending:
-                    settled_pending.append(message_id)
+                    settled_pending.append(ref)
+            elif was_pending and at < created_at + timeout and pending.same(message, ref):
+                again_at[ref] = at  # unchanged: nothing to write
+                if full is not None:
+                    del seen[message_id]
             else:
                 seen[message_id] = _new_pending(Pending, (message, at))
+                if again is not None:
+                    del again_at[ref]
         self.new_messages += new_messages
         self.ignored += ignored
         self.listed += len(messages)
@@ -749,7 +826,7 @@ class Batch:
         return [
             i
             for i in sorted(self.plan.timeout_due)
-            if i not in self.settled and i not in self.seen and i not in self.gone_ids
+            if not self.observed(i) and i not in self.gone_ids
         ]
 
     def close(self, now: float, listing_started: float) -> PollDelta:
@@ -782,22 +859,33 @@ class Batch:
             late_records=self.late,
             lateness=self.lateness,
             head_started=listing_started if self.plan.window_end is None else None,
-            receipt_ages=[now - self.settled[i] for i in self._settled_pending],
+            receipt_ages=[now - self.settled[ref] for ref in self._settled_pending],
             new_messages=self.new_messages,
             settled_ids=dict(self.settled),
             pending_removed=set(self._settled_pending),
+            pending_seen=dict(self.seen_again),
             sightings=dict(self._sightings),
         )
         groups = dict(self._groups)
+        copied: set[LabelKey] = set()
         texts = dict(self._error_texts)
+        number_groups = rules.number_groups
 
         def settle_late(message: Message) -> None:
             # After the first-sight settlements, in the order the per-message rules use.
-            delta.settled_ids[message.id] = message.created_at
-            if message.id in state.pending:
-                delta.pending_removed.add(message.id)
+            ref = key_of(message.id)
+            delta.settled_ids[ref] = message.created_at
+            if ref in state.pending.keys:
+                delta.pending_removed.add(ref)
             key = (message.direction, message.kind, message.status, message.error_code)
-            groups[key] = [*groups.get(key, ()), message]
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Settled()
+            elif key not in copied:
+                group = groups[key] = group.copy()  # the batch's own sums stay as they were
+            copied.add(key)
+            pair = (country_of(message.remote), number_groups.get(message.own, UNGROUPED))
+            group.add(message.segments, message.charge_nano, pair)
             if message.error_code and message.error_message:
                 texts[message.error_code] = message.error_message
             delta.settled_by_timeout += 1
@@ -807,11 +895,11 @@ class Batch:
             if pending.observed_at >= pending.message.created_at + timeout:
                 settle_late(pending.message)
             elif state.pending.same(pending.message):
-                delta.pending_seen[message_id] = pending.observed_at  # nothing to write
+                delta.pending_seen[key_of(message_id)] = pending.observed_at  # nothing to write
             else:
                 delta.pending_upserts[message_id] = pending
         for message_id in self.gone_ids:
-            if message_id in self.settled or message_id in self.seen:
+            if self.observed(message_id):
                 continue
             last = state.pending.record(message_id)
             if last is not None and last.created_at + timeout <= now:
@@ -833,10 +921,10 @@ class Batch:
             inc = delta.totals.get(key)
             if inc is None:
                 inc = delta.totals[key] = Totals()
-            count = len(group)
+            count = group.messages
             inc.messages += count
-            inc.segments += sum(map(_segments_of, group))
-            inc.charge_nano += sum(map(_charge_of, group))
+            inc.segments += group.segments
+            inc.charge_nano += group.charge_nano
             self._dimensions(group, (direction, kind, label_status), countries, delta)
             wkey = (second, direction, kind)
             settled, failed = delta.window_add.get(wkey, (0, 0))
@@ -852,7 +940,7 @@ class Batch:
 
     def _dimensions(
         self,
-        group: list[Message],
+        group: _Settled,
         labels: tuple[str, str, str],
         countries: set[str],
         delta: PollDelta,
@@ -861,18 +949,8 @@ class Batch:
 
         A new country is admitted while fewer than limits.max_countries are; past that it counts
         as "other", so the sums stay those of signalwire_messages_total."""
-        number_groups = self.ledger.rules.number_groups
-        by_pair: dict[tuple[str, str], Totals] = {}
-        for message in group:
-            pair = (country_of(message.remote), number_groups.get(message.own, UNGROUPED))
-            totals = by_pair.get(pair)
-            if totals is None:
-                totals = by_pair[pair] = Totals()
-            totals.messages += 1
-            totals.segments += message.segments
-            totals.charge_nano += message.charge_nano
         limit = self.ledger.rules.max_countries
-        for (country, number_group), totals in by_pair.items():
+        for (country, number_group), totals in group.by_pair.items():
             if country != UNKNOWN and country not in countries:
                 if len(countries) < limit:
                     countries.add(country)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 from exporter.records import Message
@@ -29,6 +29,9 @@ RawLabels = tuple[str, str, str]  # direction, kind, status as SignalWire gives 
 # Pending messages are indexed by minute of creation, so planning skips the many that the head
 # listing sees anyway without looking at them one by one; settled ids are pruned a minute at once.
 MINUTE = 60
+
+# A table that has emptied to below a quarter of its peak is rebuilt at its size.
+SHRINK_BELOW = 4
 
 _DOUBLE = struct.Struct("<d")
 _BITS = struct.Struct("<Q")
@@ -60,6 +63,11 @@ def key_of(message_id: str) -> Key:
             except ValueError:
                 pass
     return message_id
+
+
+def as_key(ref: Key) -> Key:
+    """A message id or a key, as a key."""
+    return key_of(ref) if isinstance(ref, str) else ref
 
 
 def id_of(key: Key) -> str:
@@ -101,6 +109,7 @@ class PendingSet:
 
     def __init__(self, records: Callable[[str], Message | None] | None = None) -> None:
         self._packed: dict[Key, int] = {}
+        self._most = 0  # the most held since the table was last rebuilt
         self._records = records
         self._kept: dict[Key, Message] | None = {} if records is None else None
         self._labels: list[RawLabels] = []
@@ -145,9 +154,10 @@ class PendingSet:
         packed = self._packed.get(key_of(message_id))
         return None if packed is None else self._unpack(packed)
 
-    def same(self, message: Message) -> bool:
-        """Whether `message` is what is held for its id (created_at, labels and the rest)."""
-        packed = self._packed.get(key_of(message.id))
+    def same(self, message: Message, key: Key | None = None) -> bool:
+        """Whether `message` is what is held for its id (created_at, labels and the rest); `key`
+        is its key when the caller has it."""
+        packed = self._packed.get(key_of(message.id) if key is None else key)
         if packed is None:
             return False
         label = self._label_index.get((message.direction, message.kind, message.status))
@@ -229,6 +239,7 @@ class PendingSet:
         previous = self._packed.get(key)
         self._packed[key] = packed
         if previous is None:
+            self._most = max(self._most, len(self._packed))
             self._join(key, minute)
         else:
             old = self._unpack(previous)
@@ -242,9 +253,9 @@ class PendingSet:
         self._lower_bound(minute, observed_at)
         self._count(labels, minute, 1)
 
-    def seen(self, message_id: str, observed_at: float) -> None:
-        """A pending message observed again, unchanged."""
-        key = key_of(message_id)
+    def seen(self, ref: Key, observed_at: float) -> None:
+        """A pending message (its id or key) observed again, unchanged."""
+        key = as_key(ref)
         packed = self._packed.get(key)
         if packed is None:
             return
@@ -254,8 +265,9 @@ class PendingSet:
         self._packed[key] = (packed & ~mask) | offset << _SEEN_SHIFT
         self._lower_bound(int(created // MINUTE), observed_at)
 
-    def remove(self, message_id: str) -> bool:
-        key = key_of(message_id)
+    def remove(self, ref: Key) -> bool:
+        """Forget a pending message (by its id or key)."""
+        key = as_key(ref)
         packed = self._packed.pop(key, None)
         if packed is None:
             return False
@@ -265,6 +277,10 @@ class PendingSet:
         self._leave(minute)
         if self._kept is not None:
             del self._kept[key]
+        if len(self._packed) * SHRINK_BELOW < self._most:
+            # A dict does not give back its table as it empties (after a burst of receipts).
+            self._packed = dict(self._packed)
+            self._most = len(self._packed)
         return True
 
     # ------------------------------------------------------------ inside
@@ -359,8 +375,8 @@ class SettledIds:
         """The keys held (for membership tests on the hot path, after `key_of`)."""
         return self._minute_of
 
-    def add(self, message_id: str, created_at: float) -> None:
-        key = key_of(message_id)
+    def add(self, ref: Key, created_at: float) -> None:
+        key = as_key(ref)
         minute = int(created_at // MINUTE)
         shared = self._minute_objects.setdefault(minute, minute)
         if self._minute_of.get(key) == minute:
@@ -368,18 +384,21 @@ class SettledIds:
         self._minute_of[key] = shared
         self._minutes.setdefault(minute, []).append(key)
 
-    def update(self, settled: dict[str, float]) -> None:
-        for message_id, created_at in settled.items():
-            self.add(message_id, created_at)
+    def update(self, settled: Mapping[Key, float]) -> None:
+        for ref, created_at in settled.items():
+            self.add(ref, created_at)
 
     def prune(self, before: float) -> None:
         """Forget the ids created before `settled_prune_point(before)`."""
         last = int(settled_prune_point(before) // MINUTE) - 1  # the last minute to forget
+        held = len(self._minute_of)
         for minute in [m for m in self._minutes if m <= last]:
             for key in self._minutes.pop(minute):
                 if self._minute_of.get(key) == minute:
                     del self._minute_of[key]
             del self._minute_objects[minute]
+        if len(self._minute_of) * SHRINK_BELOW < held:
+            self._minute_of = dict(self._minute_of)  # give back the emptied table
 
     def items(self) -> Iterator[tuple[str, float]]:
         """Each id with the end of its minute of creation (an upper bound of its created_at)."""

@@ -520,7 +520,7 @@ class ProjectPoller:
 
     def _refresh_by_id(self, batch: Batch, ids: Any) -> None:
         for message_id in ids:
-            if message_id in batch.seen or message_id in batch.settled:
+            if batch.observed(message_id):
                 continue
             raw = self.client.get_message(message_id)
             at = self.clock()

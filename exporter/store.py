@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from exporter.ledger import LedgerState, PollDelta, Totals
-from exporter.pending import PendingSet, settled_prune_point
+from exporter.pending import PendingSet, id_of, settled_prune_point
 from exporter.records import Message
 
 # A pending message's latest record, as Message's fields, then when it was observed.
@@ -439,12 +439,12 @@ class Store:
                     f"{project} ({exc}); make the file and its directory writable, or free disk "
                     "space"
                 ) from None
-            return LedgerState(start_point=start, cursor=start)
+            return LedgerState(start_point=start, cursor=start, pending=self._pending_set(project))
         state = LedgerState(
             start_point=row[0],
             cursor=row[1],
             complete_until=row[1] if row[2] is None else row[2],
-            pending=PendingSet(functools.partial(self.pending_record, project)),
+            pending=self._pending_set(project),
         )
         for r in c.execute(f"SELECT {PENDING_COLUMNS} FROM pending WHERE project=?", (project,)):
             state.pending.put(Message(*r[:11]), r[11])
@@ -475,6 +475,10 @@ class Store:
         ):
             state.window[(r[0], r[1], r[2])] = (r[3], r[4])
         return state
+
+    def _pending_set(self, project: str) -> PendingSet:
+        """An empty set of pending messages whose records are read back from this file."""
+        return PendingSet(functools.partial(self.pending_record, project))
 
     def pending_record(self, project: str, message_id: str) -> Message | None:
         """A pending message's latest record as committed (the ledger keeps less of it)."""
@@ -532,7 +536,7 @@ class Store:
         )
         c.executemany(
             "DELETE FROM pending WHERE project=? AND id=?",
-            ((project, i) for i in delta.pending_removed),
+            ((project, id_of(ref)) for ref in delta.pending_removed),
         )
         c.executemany(
             "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -557,7 +561,7 @@ class Store:
         )
         c.executemany(
             "INSERT OR REPLACE INTO settled VALUES (?,?,?)",
-            ((project, i, created) for i, created in delta.settled_ids.items()),
+            ((project, id_of(ref), created) for ref, created in delta.settled_ids.items()),
         )
         c.execute(
             "DELETE FROM settled WHERE project=? AND created_at<?",

@@ -42,6 +42,7 @@ from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import Batch, LabelKey, Ledger, Rules, Totals
 from exporter.logs import configure
 from exporter.metrics import build_registry
+from exporter.pending import id_of
 from exporter.poller import Counters, ProjectPoller, ProjectStatus, copy_totals
 from exporter.records import InvalidRecord, parse_records
 from exporter.simulator import (
@@ -169,7 +170,7 @@ def busy_day(
         began = time.perf_counter()
         real_commit(project, delta)
         result.commit_ms.append((clock[0], (time.perf_counter() - began) * 1000))
-        for message_id in delta.settled_ids:
+        for message_id in map(id_of, delta.settled_ids):
             settled_at[message_id] = clock[0]
 
     store.commit = commit  # type: ignore[method-assign]

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from exporter.config import Config, ProjectConfig, SettleConfig
-from exporter.poller import CounterState, ProjectStatus
 from exporter.simulator import Simulator, SimulatorServer, TrafficGenerator, TrafficProfile
+from exporter.views import CounterState, ProjectView
 from exporter.worker import HEARTBEAT_TIMEOUT, PollingProcess, worker_command
 from tests.helpers import (
     ROOT,
@@ -201,7 +201,7 @@ def test_a_silent_polling_process_is_given_up(tmp_path: Path, base_url: str) -> 
         source="<test>",
     )
     now = [0.0]
-    views: list[ProjectStatus] = []
+    views: list[ProjectView] = []
     counters: list[CounterState] = []
     worker = PollingProcess(
         config, lambda _, v: views.append(v), counters.append, "warning", "logfmt", lambda: now[0]

@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 from exporter.client import Stopped
 from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import PollDelta, PollPlan
-from exporter.poller import Counters, ProjectPoller, iso_time
+from exporter.poller import Counters, ProjectPoller
+from exporter.records import format_timestamp
 from exporter.simulator import Simulator, SimulatorServer, Step
 from exporter.store import Store
 
@@ -229,16 +230,17 @@ def test_a_start_from_reaching_before_the_recorded_start_point_is_pointed_out(
     assert note.wanted == pytest.approx(time.time() - 86400.0, abs=10)
     command = (
         "signalwire-exporter backfill --config.file '/etc/signalwire exporter.yaml' "
-        f"--from {iso_time(note.wanted)} --to {iso_time(math.ceil(recorded))} --output history.om"
+        f"--from {format_timestamp(note.wanted)} --to {format_timestamp(math.ceil(recorded))} "
+        "--output history.om"
     )
     assert note.command == command
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1
     assert warnings[0]["event"].startswith("start_from reaches before the recorded start point")
-    assert warnings[0]["wanted_start"] == iso_time(note.wanted)
-    assert warnings[0]["start_point"] == iso_time(recorded)
+    assert warnings[0]["wanted_start"] == format_timestamp(note.wanted)
+    assert warnings[0]["start_point"] == format_timestamp(recorded)
     assert warnings[0]["backfill"] == command
-    assert iso_time(note.wanted) in note.text and iso_time(recorded) in note.text
+    assert format_timestamp(note.wanted) in note.text and format_timestamp(recorded) in note.text
     assert poller.ledger is not None and poller.ledger.state.start_point == recorded  # unmoved
 
 

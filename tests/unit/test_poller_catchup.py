@@ -21,9 +21,10 @@ from exporter import catchup
 from exporter.catchup import Windows
 from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import LabelKey, PollDelta, Totals
-from exporter.poller import Counters, ProjectPoller, ProjectStatus
+from exporter.poller import Counters, ProjectPoller
 from exporter.simulator import Simulator, SimulatorAdapter, Step
 from exporter.store import Store
+from exporter.views import ProjectView
 
 BASE = "http://simulator.invalid"
 PID, TOKEN = "p-1", "PTgood-token"
@@ -109,7 +110,7 @@ class Recorder:
 
     def __init__(self, poller: ProjectPoller) -> None:
         self.deltas: list[PollDelta] = []
-        self.views: list[ProjectStatus] = []
+        self.views: list[ProjectView] = []
         real_commit = poller.store.commit
 
         def commit(project: str, delta: PollDelta) -> None:

@@ -1,4 +1,4 @@
-"""The daemon: the HTTP server here, the polling in a child process (see exporter.worker)."""
+"""The daemon: the HTTP server here, the polling in a child process (see exporter.polling)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from exporter import __version__
 from exporter.config import Config, ListenAddress
 from exporter.logs import redact_tokens, settings
 from exporter.metrics import PollerProcessCollector, build_registry
+from exporter.polling import PollingProcess, WorkerError
 from exporter.server import ExporterServer
 from exporter.views import CounterState, ProjectView
 from exporter.webconfig import WebConfig
-from exporter.worker import PollingProcess, WorkerError
 
 # The polling process's own process_* metrics carry this prefix.
 WORKER_NAMESPACE = "signalwire_exporter_poller"
@@ -68,7 +68,7 @@ class Exporter:
         return self.worker.pid if self.worker is not None else None
 
     def start(self) -> None:
-        """Listen, then start polling once the state has loaded. Raises FatalError or StateError."""
+        """Listen, then start polling once the state has loaded. Raises FatalError."""
         registry = build_registry(self.published, self._counts)
         registry.register(PollerProcessCollector(WORKER_NAMESPACE, self._worker_pid))
         try:

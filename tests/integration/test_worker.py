@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from exporter.config import Config, ProjectConfig, SettleConfig
+from exporter.polling import HEARTBEAT_TIMEOUT, PollingProcess, worker_command
 from exporter.simulator import Simulator, SimulatorServer, TrafficGenerator, TrafficProfile
 from exporter.views import CounterState, ProjectView
-from exporter.worker import HEARTBEAT_TIMEOUT, PollingProcess, worker_command
 from tests.helpers import (
     ROOT,
     Daemon,

@@ -126,11 +126,13 @@ def poll_client(
     on_request: Callable[[str], None],
     stop: threading.Event,
     adapter: BaseAdapter | None = None,
+    kind: type[Client] = Client,
 ) -> Client:
     """The client a poller uses: retries within a poll stay within about one poll interval (the
-    next poll retries on), and a stop cuts every wait short."""
+    next poll retries on), and a stop cuts every wait short. `adapter` and `kind`: another
+    transport or another Client class (the simulator's, a test's)."""
     retry = RetryPolicy(attempts=4, max_delay=min(30.0, config.poll_interval))
-    return Client.for_project(
+    return kind.for_project(
         project, config, on_request=on_request, retry=retry, stop=stop, adapter=adapter
     )
 

@@ -4,6 +4,7 @@ make many windows."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import tempfile
@@ -21,7 +22,7 @@ from exporter import catchup
 from exporter.catchup import Windows
 from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import LabelKey, PollDelta, Totals
-from exporter.poller import Counters, ProjectPoller
+from exporter.poller import Counters, ProjectPoller, poll_client
 from exporter.simulator import Simulator, SimulatorAdapter, Step
 from exporter.store import Store
 from exporter.views import ProjectView
@@ -83,9 +84,14 @@ def make_poller(state_path: str, simulator: Simulator, start_from: float) -> Pro
         page_size=25,
     )
     poller = ProjectPoller(
-        project, config, Store(state_path), Counters(), threading.Event(), clock=simulator.clock
+        project,
+        config,
+        Store(state_path),
+        Counters(),
+        threading.Event(),
+        clock=simulator.clock,
+        connect=functools.partial(poll_client, adapter=SimulatorAdapter(simulator, BASE)),
     )
-    poller.client.session.mount(BASE, SimulatorAdapter(simulator, BASE))
     poller.load()
     return poller
 

@@ -1,4 +1,4 @@
-"""Configuration: the YAML file of contract §2, validated into frozen values.
+"""Configuration: the YAML file of docs/configuration.md, validated into frozen values.
 
 Every error is a `ConfigError` naming the file, the key and what is wrong, so the CLI can print one
 line and exit 2. Unknown keys are errors, and so are keys written twice: a typo must never pass

@@ -1,4 +1,5 @@
-"""The command line (contract §1): exit statuses, one-line errors, `check`, and `run`'s refusals.
+"""The command line (docs/configuration.md): exit statuses, one-line errors, `check`, and
+`run`'s refusals.
 
 Most cases call `main()` in-process; a few run `python -m exporter` to prove what a shell sees: the
 exit status, exactly one line on stderr and no traceback.

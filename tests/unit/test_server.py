@@ -1,4 +1,4 @@
-"""The HTTP endpoints (contract §5) and the exposition (contract §4), on a real loopback server."""
+"""The HTTP endpoints and the exposition (docs/metrics.md), on a real loopback server."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def web() -> Iterator[Fixture]:
     fixture.server.stop()
 
 
-def test_metrics_exposes_the_contract_names_and_labels(web: Fixture) -> None:
+def test_metrics_exposes_the_documented_names_and_labels(web: Fixture) -> None:
     response = requests.get(f"{web.url}/metrics", timeout=5)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")

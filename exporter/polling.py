@@ -108,9 +108,6 @@ class Fatal:
     message: str
 
 
-WorkerMessage = Published | Counted | Alive | Loaded | Fatal
-
-
 def describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):

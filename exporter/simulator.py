@@ -62,7 +62,6 @@ ERROR_DOCS_URL = "https://developer.signalwire.com/rest/overview/error-codes"
 FILTER_NAMES = ("created_after", "created_before", "created_on")
 DEFAULT_PAGE_SIZE = 50
 DAY = 86400
-LIST_ORDERS = ("newest", "oldest", "arbitrary")
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _ERROR_MESSAGES = {

@@ -380,7 +380,6 @@ class FakeExporter:
     ) -> None:
         self.config = config
         self.listen = listen or config.listen_address
-        self.started = self.stopped = False
 
 
 def test_run_flag_beats_the_file(

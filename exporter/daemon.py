@@ -6,7 +6,7 @@ import structlog
 
 from exporter import __version__
 from exporter.config import Config, ListenAddress
-from exporter.logs import redact_tokens, settings
+from exporter.logs import settings
 from exporter.metrics import PollerProcessCollector, build_registry
 from exporter.polling import PollingProcess, WorkerError
 from exporter.server import ExporterServer
@@ -41,7 +41,6 @@ class Exporter:
         self.server: ExporterServer | None = None
         self.worker: PollingProcess | None = None
         self.log = structlog.get_logger()
-        redact_tokens(config)
 
     def published(self) -> list[ProjectView]:
         return [view for view in self.views if view is not None]

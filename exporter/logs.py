@@ -57,7 +57,8 @@ def redact(secret: str) -> None:
 
 
 def redact_tokens(config: Config) -> None:
-    """Never let any project's API token reach a log line: once per process, after loading."""
+    """Never let any project's API token reach a log line: called where a configuration enters a
+    process (loaded by the command line, built by the demo, received by the polling process)."""
     for project in config.projects:
         redact(project.api_token)
 

@@ -162,7 +162,7 @@ class ProjectPoller:
         )
         self.rules = Rules.of(config)
         self.ledger: Ledger | None = None
-        self.status = ProjectView(project.name)
+        self.view = ProjectView(project.name)
         self._invalid_keys: set[str] = set()
         self._auth_failures = 0
         self._last_success: float | None = None
@@ -288,7 +288,7 @@ class ProjectPoller:
         self._auth_failures = 0
         duration = self.clock() - started
         self._last_success = self.clock()
-        recovered = self.status.polled and not self.status.up
+        recovered = self.view.polled and not self.view.up
         progress, self._progress = self._progress, None
         self._publish(polled=True, up=True, duration=duration, error=None)
         if progress is not None:
@@ -305,7 +305,7 @@ class ProjectPoller:
             new=delta.new_messages,
             settled=delta.settled_count,
             settled_by_timeout=delta.settled_by_timeout,
-            pending=self.status.pending_total,
+            pending=self.view.pending_total,
             cursor=format_timestamp(delta.cursor),
             duration=round(duration, 3),
         )
@@ -345,7 +345,7 @@ class ProjectPoller:
             elapsed=now - self._progress_began,
         )
         self._last_success = self.clock()
-        self._publish(polled=True, up=True, duration=self.status.last_duration, error=None)
+        self._publish(polled=True, up=True, duration=self.view.last_duration, error=None)
         if now - self._progress_logged >= PROGRESS_LOG_INTERVAL:
             self._progress_logged = now
             eta = progress.eta_seconds
@@ -524,7 +524,7 @@ class ProjectPoller:
 
     def _failed(self, started: float, error: str, reason: str, alarm: bool = False) -> bool:
         duration = self.clock() - started
-        first_failure = self.status.up or not self.status.polled
+        first_failure = self.view.up or not self.view.polled
         self._publish(polled=True, up=False, duration=duration, error=error)
         self.counters.poll_error(self.project.name, reason)
         log = self.log.error if alarm or first_failure else self.log.warning
@@ -536,10 +536,10 @@ class ProjectPoller:
         state = self.ledger.state
         # A label set that has been pending stays exported at 0, so graphs drop to zero instead
         # of ending (the label values are bounded by the API's enums).
-        pending = dict.fromkeys(self.status.pending, 0) | self.ledger.pending_by_labels()
-        self.status = ProjectView(
+        pending = dict.fromkeys(self.view.pending, 0) | self.ledger.pending_by_labels()
+        self.view = ProjectView(
             name=self.project.name,
-            polled=polled or self.status.polled,
+            polled=polled or self.view.polled,
             up=up,
             last_success=self._last_success,
             last_duration=duration,
@@ -557,7 +557,7 @@ class ProjectPoller:
             start_note=self._start_note,
         )
         if self.on_publish is not None:
-            self.on_publish(self.status)
+            self.on_publish(self.view)
 
 
 def copy_totals(totals: Mapping[LabelKey, Totals]) -> dict[LabelKey, SettledTotals]:

@@ -124,10 +124,10 @@ def test_a_poll_counts_and_publishes(simulator: Simulator, tmp_path: Path) -> No
     add(simulator, "sent")
     poller, counters = make_poller(tmp_path, simulator)
     assert poller.poll_once()
-    status = poller.status
-    assert status.up and status.polled and status.last_error is None
-    assert status.totals[("outbound-api", "sms", "delivered", "")].messages == 5
-    assert status.pending == {("outbound-api", "sms", "sent"): 1}
+    view = poller.view
+    assert view.up and view.polled and view.last_error is None
+    assert view.totals[("outbound-api", "sms", "delivered", "")].messages == 5
+    assert view.pending == {("outbound-api", "sms", "sent"): 1}
     assert counters.state().api_requests[("prod", "200")] >= 3  # 6 records, 2 per page
 
 
@@ -136,9 +136,9 @@ def test_bad_credentials_fail_once_per_poll_without_retry_storm(
 ) -> None:
     poller, counters = make_poller(tmp_path, simulator, token="PTwrong-token")
     assert not poller.poll_once()
-    assert not poller.status.up and poller.status.polled
-    assert poller.status.last_error is not None and "401" in poller.status.last_error
-    assert "PTwrong-token" not in poller.status.last_error
+    assert not poller.view.up and poller.view.polled
+    assert poller.view.last_error is not None and "401" in poller.view.last_error
+    assert "PTwrong-token" not in poller.view.last_error
     assert counters.state().api_requests == {("prod", "401"): 1}
     assert counters.state().poll_errors == {("prod", "auth"): 1}
 
@@ -151,7 +151,7 @@ def test_a_rotated_token_file_is_picked_up_on_401(simulator: Simulator, tmp_path
     assert not poller.poll_once()
     token_file.write_text(TOKEN + "\n")
     assert poller.poll_once()
-    assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 1
+    assert poller.view.totals[("outbound-api", "sms", "delivered", "")].messages == 1
 
 
 def test_an_outage_then_recovery(simulator: Simulator, tmp_path: Path) -> None:
@@ -160,13 +160,13 @@ def test_an_outage_then_recovery(simulator: Simulator, tmp_path: Path) -> None:
     simulator.set_outage(True)
     assert not poller.poll_once()
     assert counters.state().poll_errors == {("prod", "api"): 1}
-    assert poller.status.totals == {}
-    assert poller.status.last_error is not None and "503" in poller.status.last_error
+    assert poller.view.totals == {}
+    assert poller.view.last_error is not None and "503" in poller.view.last_error
     simulator.set_outage(False)
     add(simulator)
     assert poller.poll_once()
-    assert poller.status.up
-    assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 2
+    assert poller.view.up
+    assert poller.view.totals[("outbound-api", "sms", "delivered", "")].messages == 2
 
 
 def test_invalid_records_are_skipped_counted_once_and_the_rest_counted(
@@ -178,7 +178,7 @@ def test_invalid_records_are_skipped_counted_once_and_the_rest_counted(
     assert poller.poll_once()
     assert poller.poll_once()  # re-listed: the same bad records do not count again
     assert counters.state().invalid_records == {"prod": 2}
-    assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 3
+    assert poller.view.totals[("outbound-api", "sms", "delivered", "")].messages == 3
 
 
 def test_beyond_the_history_limit_it_lists_what_is_left_instead_of_failing(
@@ -188,8 +188,8 @@ def test_beyond_the_history_limit_it_lists_what_is_left_instead_of_failing(
     add(simulator)  # created 5 s ago: within the limit
     poller, counters = make_poller(tmp_path, simulator, start_from=600.0)
     assert poller.poll_once()
-    assert poller.status.up
-    assert poller.status.totals[("outbound-api", "sms", "delivered", "")].messages == 1
+    assert poller.view.up
+    assert poller.view.totals[("outbound-api", "sms", "delivered", "")].messages == 1
     assert counters.state().api_requests[("prod", "422")] >= 1
     # Nothing before the oldest time allowed can be new: no late sweep reaches back there.
     assert poller.ledger is not None
@@ -211,27 +211,27 @@ def test_a_poll_whose_answers_arrive_after_stop_is_abandoned_uncommitted(
     with pytest.raises(Stopped):
         poller.poll_once()
     assert poller.store.commits == [], "nothing of the abandoned poll is written"
-    assert not poller.status.polled and poller.status.totals == {}
+    assert not poller.view.polled and poller.view.totals == {}
 
 
-def test_the_status_sums_what_settled_lately(simulator: Simulator, tmp_path: Path) -> None:
+def test_the_view_sums_what_settled_lately(simulator: Simulator, tmp_path: Path) -> None:
     for _ in range(3):
         add(simulator)
     add(simulator, "undelivered")
     add(simulator, "received", direction="inbound")
     add(simulator, "sent")  # pending: not settled, not counted
     poller, _ = make_poller(tmp_path, simulator)
-    loaded = poller.status.recent
+    loaded = poller.view.recent
     assert loaded is not None and loaded.settled_day == 0
     assert poller.poll_once()
-    recent = poller.status.recent
+    recent = poller.view.recent
     assert recent is not None
     assert (recent.settled_hour, recent.settled_day) == (5, 5)
     assert (recent.outbound_hour, recent.outbound_failed_hour) == (4, 1)
     assert recent.charge_nano_day == recent.charge_nano_today == 5 * 10_000_000
     add(simulator)
     assert poller.poll_once()
-    recent = poller.status.recent
+    recent = poller.view.recent
     assert recent is not None and recent.settled_hour == 6
 
 
@@ -239,7 +239,7 @@ def test_a_start_from_reaching_before_the_recorded_start_point_is_pointed_out(
     simulator: Simulator, tmp_path: Path
 ) -> None:
     first, _ = make_poller(tmp_path, simulator, start_from=60.0)
-    assert first.ledger is not None and first.status.start_note is None
+    assert first.ledger is not None and first.view.start_note is None
     recorded = first.ledger.state.start_point
     first.store.close()
     with capture_logs() as logs:
@@ -247,7 +247,7 @@ def test_a_start_from_reaching_before_the_recorded_start_point_is_pointed_out(
             tmp_path, simulator, start_from=86400.0, source="/etc/signalwire exporter.yaml"
         )
     poller.store.close()
-    note = poller.status.start_note
+    note = poller.view.start_note
     assert note is not None
     assert note.start_point == recorded
     assert note.wanted == pytest.approx(NOW - 86400.0, abs=10)
@@ -278,5 +278,5 @@ def test_the_same_or_a_shorter_start_from_after_the_first_start_says_nothing(
         with capture_logs() as logs:
             poller, _ = make_poller(tmp_path, simulator, start_from=start_from)
         poller.store.close()
-        assert poller.status.start_note is None
+        assert poller.view.start_note is None
         assert [e for e in logs if e["log_level"] == "warning"] == []

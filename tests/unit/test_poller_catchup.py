@@ -223,8 +223,8 @@ def test_a_failure_mid_catch_up_keeps_the_committed_steps(workdir: Path) -> None
     hooks(poller).after.append(fail_later)
     assert not poller.poll_once()
     assert len(recorder.deltas) == 5
-    assert not poller.status.up and poller.status.polled
-    assert poller.status.cursor == recorder.deltas[-1].cursor
+    assert not poller.view.up and poller.view.polled
+    assert poller.view.cursor == recorder.deltas[-1].cursor
     poller.store.close()
     # The next process goes on from the last committed step, not from the start.
     simulator.set_outage(False)

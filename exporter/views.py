@@ -2,7 +2,7 @@
 
 No I/O and nothing of the polling stack (client, ledger, store): /metrics, the landing page and
 the daemon's serving side depend on this module only, and every value here pickles as it is for
-the trip from the polling process to the serving process (exporter.worker).
+the trip from the polling process to the serving process (exporter.polling).
 """
 
 from __future__ import annotations

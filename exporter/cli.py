@@ -1,4 +1,4 @@
-"""Command line (docs/configuration.md): run, check, demo, backfill, --version."""
+"""Command line (docs/cli.md): run, check, demo, backfill, --version."""
 
 from __future__ import annotations
 

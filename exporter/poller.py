@@ -264,7 +264,7 @@ class ProjectPoller:
                     continue  # the window was resized: plan the step again
                 if self.stop.is_set():
                     # Stopping while the last answer came in: the step is abandoned
-                    # uncommitted, as the README promises; the next start redoes it.
+                    # uncommitted, as docs/cli.md promises; the next start redoes it.
                     raise Stopped("stopping")
                 self.store.commit(self.project.name, delta)
                 self.recent.add(self.clock(), delta.totals)

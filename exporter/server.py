@@ -1,4 +1,4 @@
-"""The HTTP endpoints (docs/metrics.md), on a threaded server so scrapes are served during polls."""
+"""The HTTP endpoints (docs/endpoints.md), on a threaded server: scrapes are served during polls."""
 
 from __future__ import annotations
 

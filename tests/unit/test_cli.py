@@ -1,5 +1,4 @@
-"""The command line (docs/configuration.md): exit statuses, one-line errors, `check`, and
-`run`'s refusals.
+"""The command line (docs/cli.md): exit statuses, one-line errors, `check`, and `run`'s refusals.
 
 Most cases call `main()` in-process; a few run `python -m exporter` to prove what a shell sees: the
 exit status, exactly one line on stderr and no traceback.

@@ -1,4 +1,5 @@
-"""The HTTP endpoints and the exposition (docs/metrics.md), on a real loopback server."""
+"""The HTTP endpoints (docs/endpoints.md) and the exposition (docs/metrics.md), on a real loopback
+server."""
 
 from __future__ import annotations
 

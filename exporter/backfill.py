@@ -36,8 +36,9 @@ from exporter.ledger import (
     Totals,
 )
 from exporter.metrics import COUNTER_FAMILIES
-from exporter.records import InvalidRecord, Message, parse_message
+from exporter.records import InvalidRecord, Message, format_timestamp, parse_message
 from exporter.store import StateError, Store, committed_start_point
+from exporter.views import SettledTotals, TotalsLike
 
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 RESERVED_LABELS = {label for family in COUNTER_FAMILIES for label in family.labels}
@@ -208,16 +209,10 @@ def backfill_project(
     stop = end if end is not None else (committed if committed is not None else now)
     if stop <= start:
         raise BackfillError(
-            f"{project.name}: nothing to backfill: --from {_iso(start)} is not before "
-            f"{_iso(stop)}" + (" (where live counting started)" if committed else "")
+            f"{project.name}: nothing to backfill: --from {format_timestamp(start)} is not before "
+            f"{format_timestamp(stop)}" + (" (where live counting started)" if committed else "")
         )
-    client = Client(
-        project.base_url,
-        project.project_id,
-        project.api_token,
-        timeout=config.request_timeout,
-        page_size=config.page_size,
-    )
+    client = Client.for_project(project, config)
     progress = Progress(stderr, project.name, start, stop)
     try:
         messages = list(list_messages(client, start, stop, progress))
@@ -228,8 +223,8 @@ def backfill_project(
         days = (now - oldest) / 86400
         raise BackfillError(
             f"{project.name}: SignalWire keeps message logs for about {days:.0f} days on this "
-            f"account: the oldest time it allows is about {_iso(oldest)}; run again with "
-            f"--from {_iso(math.ceil(oldest / 3600) * 3600)} or later"
+            f"account: the oldest time it allows is about {format_timestamp(oldest)}; run again "
+            f"with --from {format_timestamp(math.ceil(oldest / 3600) * 3600)} or later"
         ) from None
     finally:
         client.close()
@@ -269,11 +264,11 @@ def write_openmetrics(
                     f'{label}="{_escape(value)}"'
                     for label, value in zip(family.labels, (history.name, *key), strict=True)
                 )
-                total = Totals()
+                total = SettledTotals()
                 for boundary, step in zip(history.boundaries, history.increments, strict=True):
                     increment = family.source(step).get(key)
                     if increment is not None:
-                        total.add(increment)
+                        total = _plus(total, increment)
                     value = family.value(total)
                     out.write(f"{name}_total{{{labels}{extra}}} {value} {_timestamp(boundary)}\n")
                     samples += 1
@@ -319,8 +314,8 @@ def run_backfill(
         )
         print(
             f"{h.name}: {h.listed} messages listed, {counted} settled, "
-            f"{len(h.final.pending)} still pending, {_iso(h.boundaries[0])} to "
-            f"{_iso(h.boundaries[-1])}{note}",
+            f"{len(h.final.pending)} still pending, {format_timestamp(h.boundaries[0])} to "
+            f"{format_timestamp(h.boundaries[-1])}{note}",
             file=stderr,
         )
     print(
@@ -331,13 +326,17 @@ def run_backfill(
     return 0
 
 
+def _plus(total: SettledTotals, increment: TotalsLike) -> SettledTotals:
+    return SettledTotals(
+        total.messages + increment.messages,
+        total.segments + increment.segments,
+        total.charge_nano + increment.charge_nano,
+    )
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _timestamp(seconds: float) -> str:
     return str(int(seconds)) if seconds == int(seconds) else f"{seconds:.3f}"
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,4 +1,4 @@
-"""Command line (contract §1): run, check, demo, backfill, --version."""
+"""Command line (docs/cli.md): run, check, demo, backfill, --version."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from exporter import __version__
 from exporter.backfill import BackfillError, parse_label, parse_time, run_backfill
 from exporter.client import ApiError, Client, RetryPolicy
 from exporter.config import (
+    Config,
     ConfigError,
     ListenAddress,
     load_config,
@@ -25,7 +26,7 @@ from exporter.config import (
     parse_listen_address,
 )
 from exporter.daemon import Exporter, FatalError
-from exporter.logs import LEVELS, configure, redact, scrub
+from exporter.logs import LEVELS, configure, redact_tokens, scrub
 from exporter.store import StateError, state_path_problem
 from exporter.webconfig import WebConfig, load_web_config
 
@@ -253,10 +254,15 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
 
 
+def _load(config_file: str) -> Config:
+    """The configuration, its tokens kept out of every log line and error text from now on."""
+    config = load_config(config_file)
+    redact_tokens(config)
+    return config
+
+
 def _backfill(options: argparse.Namespace) -> int:
-    config = load_config(options.config_file)
-    for project in config.projects:
-        redact(project.api_token)
+    config = _load(options.config_file)
     try:
         return run_backfill(
             config, options.start, options.end, options.step, options.labels, options.output
@@ -271,7 +277,7 @@ def _web(path: str | None) -> WebConfig | None:
 
 
 def _run(config_file: str, listen: ListenAddress | None, web_config: str | None) -> int:
-    config = load_config(config_file)
+    config = _load(config_file)
     web = _web(web_config)
     return serve(Exporter(config, listen, web=web))
 
@@ -307,18 +313,14 @@ def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> i
 
 
 def _check(config_file: str) -> int:
-    config = load_config(config_file)
+    config = _load(config_file)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for project in config.projects:
-        redact(project.api_token)
     failures = 0
     for project in config.projects:
-        client = Client(
-            project.base_url,
-            project.project_id,
-            project.api_token,
-            timeout=config.request_timeout,
+        client = Client.for_project(
+            project,
+            config,
             page_size=1,
             retry=RetryPolicy(attempts=2, base_delay=0.5, max_delay=1.0, max_retry_after=5.0),
         )

@@ -25,9 +25,11 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 
 from exporter import __version__
+from exporter.config import Config, ProjectConfig
+from exporter.logs import Secrets
 from exporter.records import format_timestamp
 
 LOGS_PATH = "/api/messaging/logs"
@@ -36,7 +38,6 @@ MAX_PAGES_PER_LISTING = 100_000
 HISTORY_LIMIT_CODE = "exceeds_history_logs_limit"
 PAGE_TOKEN_ERRORS = ("page_token_is_invalid", "page_token_required")
 MAX_RESTARTS = 3
-MIN_SECRET_LENGTH = 6  # shorter tokens are not redacted from error texts
 
 
 class ApiError(Exception):
@@ -146,6 +147,7 @@ class Client:
         retry: RetryPolicy = RetryPolicy(),
         stop: threading.Event | None = None,
         rng: random.Random | None = None,
+        adapter: BaseAdapter | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.project_id = project_id
@@ -160,13 +162,39 @@ class Client:
         self.session.headers["Accept"] = "application/json"
         self.session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=4))
         self.session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=4))
+        if adapter is not None:  # another transport for this API (the simulator's, in-process)
+            self.session.mount(self.base_url, adapter)
         self.set_token(token)
+
+    @classmethod
+    def for_project(
+        cls,
+        project: ProjectConfig,
+        config: Config,
+        *,
+        page_size: int | None = None,
+        on_request: Callable[[str], None] = lambda code: None,
+        retry: RetryPolicy = RetryPolicy(),
+        stop: threading.Event | None = None,
+        adapter: BaseAdapter | None = None,
+    ) -> Client:
+        """The client of a configured project: its space, credentials, timeout and page size."""
+        return cls(
+            project.base_url,
+            project.project_id,
+            project.api_token,
+            timeout=config.request_timeout,
+            page_size=config.page_size if page_size is None else page_size,
+            on_request=on_request,
+            retry=retry,
+            stop=stop,
+            adapter=adapter,
+        )
 
     def set_token(self, token: str) -> None:
         self.session.auth = (self.project_id, token)
         basic = base64.b64encode(f"{self.project_id}:{token}".encode()).decode()
-        # Too short a "token" would garble every message; real ones are dozens of characters.
-        self._secrets = tuple(s for s in (basic, token) if len(s) >= MIN_SECRET_LENGTH)
+        self._secrets = Secrets(basic, token)
 
     def close(self) -> None:
         self.session.close()
@@ -274,12 +302,8 @@ class Client:
         kind: type[ApiError] = ApiError,
     ) -> ApiError:
         """An ApiError whose text cannot carry the credentials, whatever the server echoed."""
-        return kind(self._scrub(message), status, self._scrub(code) if code else code)
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "<redacted>")
-        return text
+        scrub = self._secrets.scrub
+        return kind(scrub(message), status, scrub(code) if code else code)
 
     # ----------------------------------------------------------------- the API
     def list_url(

@@ -1,4 +1,4 @@
-"""Configuration: the YAML file of contract §2, validated into frozen values.
+"""Configuration: the YAML file of docs/configuration.md, validated into frozen values.
 
 Every error is a `ConfigError` naming the file, the key and what is wrong, so the CLI can print one
 line and exit 2. Unknown keys are errors, and so are keys written twice: a typo must never pass
@@ -331,7 +331,28 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
             f"(export {missing[0][1]}=...) or write the values in the file"
         )
     top = r.mapping(data, "", _TOP_KEYS)
-    kwargs: dict[str, Any] = {"source": source}
+    kwargs: dict[str, Any] = {"source": source, **_top_level(r, top)}
+    kwargs["settle"] = _settle(r, top.get("settle"))
+    limits = r.mapping(top.get("limits"), "limits", {"max_error_codes", "max_countries"})
+    if "max_error_codes" in limits:
+        kwargs["max_error_codes"] = r.integer(
+            limits["max_error_codes"], "limits.max_error_codes", 1
+        )
+    if "max_countries" in limits:
+        kwargs["max_countries"] = r.integer(limits["max_countries"], "limits.max_countries", 1)
+    kwargs["number_groups"] = _number_groups(r, top.get("number_groups"))
+    request = r.mapping(top.get("request"), "request", {"timeout", "page_size"})
+    if "timeout" in request:
+        kwargs["request_timeout"] = r.duration(request["timeout"], "request.timeout", minimum=0.001)
+    if "page_size" in request:
+        kwargs["page_size"] = r.integer(request["page_size"], "request.page_size", 1, 1000)
+    kwargs["projects"] = _projects(r, top.get("projects"))
+    return Config(**kwargs)
+
+
+def _top_level(r: _Reader, top: dict[str, Any]) -> dict[str, Any]:
+    """The settings at the top level of the file, those that are set."""
+    kwargs: dict[str, Any] = {}
     if "listen_address" in top:
         kwargs["listen_address"] = r.convert(
             top["listen_address"], "listen_address", parse_listen_address
@@ -353,9 +374,11 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
         kwargs["max_ingestion_delay"] = r.duration(
             top["max_ingestion_delay"], "max_ingestion_delay"
         )
-    settle = r.mapping(
-        top.get("settle"), "settle", {"timeout", "final_statuses", "final_statuses_by_kind"}
-    )
+    return kwargs
+
+
+def _settle(r: _Reader, value: Any) -> SettleConfig:
+    settle = r.mapping(value, "settle", {"timeout", "final_statuses", "final_statuses_by_kind"})
     settle_kwargs: dict[str, Any] = {}
     if "timeout" in settle:
         settle_kwargs["timeout"] = r.duration(settle["timeout"], "settle.timeout", minimum=1.0)
@@ -371,22 +394,7 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
             str(k): r.string_list(v, f"settle.final_statuses_by_kind.{k}")
             for k, v in by_kind.items()
         }
-    kwargs["settle"] = SettleConfig(**settle_kwargs)
-    limits = r.mapping(top.get("limits"), "limits", {"max_error_codes", "max_countries"})
-    if "max_error_codes" in limits:
-        kwargs["max_error_codes"] = r.integer(
-            limits["max_error_codes"], "limits.max_error_codes", 1
-        )
-    if "max_countries" in limits:
-        kwargs["max_countries"] = r.integer(limits["max_countries"], "limits.max_countries", 1)
-    kwargs["number_groups"] = _number_groups(r, top.get("number_groups"))
-    request = r.mapping(top.get("request"), "request", {"timeout", "page_size"})
-    if "timeout" in request:
-        kwargs["request_timeout"] = r.duration(request["timeout"], "request.timeout", minimum=0.001)
-    if "page_size" in request:
-        kwargs["page_size"] = r.integer(request["page_size"], "request.page_size", 1, 1000)
-    kwargs["projects"] = _projects(r, top.get("projects"))
-    return Config(**kwargs)
+    return SettleConfig(**settle_kwargs)
 
 
 def _number_groups(r: _Reader, value: Any) -> dict[str, tuple[str, ...]]:

@@ -1,4 +1,4 @@
-"""The daemon: the HTTP server here, the polling in a child process (see exporter.worker)."""
+"""The daemon: the HTTP server here, the polling in a child process (see exporter.polling)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import structlog
 
 from exporter import __version__
 from exporter.config import Config, ListenAddress
-from exporter.logs import redact, settings
+from exporter.logs import settings
 from exporter.metrics import PollerProcessCollector, build_registry
-from exporter.poller import Counters, CounterState, ProjectStatus
+from exporter.polling import PollingProcess, WorkerError
 from exporter.server import ExporterServer
+from exporter.views import CounterState, ProjectView
 from exporter.webconfig import WebConfig
-from exporter.worker import PollingProcess, WorkerError
 
 # The polling process's own process_* metrics carry this prefix.
 WORKER_NAMESPACE = "signalwire_exporter_poller"
@@ -33,17 +33,16 @@ class Exporter:
         self.web = web
         self.demo = demo  # simulated data: the landing page says so
         self.listen = listen or config.listen_address
-        self.counters = Counters()
-        # Each project's view as the polling process last sent it; none before it has loaded.
-        self.views: list[ProjectStatus | None] = [None] * len(config.projects)
+        # Each project's view and the counters as the polling process last sent them; no view
+        # before it has loaded.
+        self.views: list[ProjectView | None] = [None] * len(config.projects)
+        self.counts = CounterState.zero()
         self.loaded = False
         self.server: ExporterServer | None = None
         self.worker: PollingProcess | None = None
         self.log = structlog.get_logger()
-        for project in config.projects:
-            redact(project.api_token)
 
-    def statuses(self) -> list[ProjectStatus]:
+    def published(self) -> list[ProjectView]:
         return [view for view in self.views if view is not None]
 
     def ready(self) -> bool:
@@ -55,23 +54,25 @@ class Exporter:
             and all(view is not None and view.polled for view in self.views)
         )
 
-    def _on_status(self, index: int, status: ProjectStatus) -> None:
-        self.views[index] = status
+    def _on_view(self, index: int, view: ProjectView) -> None:
+        self.views[index] = view
 
-    def _on_counters(self, state: CounterState) -> None:
-        self.counters.replace(state)
+    def _on_counts(self, counts: CounterState) -> None:
+        self.counts = counts
 
-    def _worker_pid(self) -> int | str:
-        pid = self.worker.pid if self.worker is not None else None
-        return "none" if pid is None else pid  # no such /proc entry: no series
+    def _counts(self) -> CounterState:
+        return self.counts
+
+    def _worker_pid(self) -> int | None:
+        return self.worker.pid if self.worker is not None else None
 
     def start(self) -> None:
-        """Listen, then start polling once the state has loaded. Raises FatalError or StateError."""
-        registry = build_registry(self.statuses, self.counters)
+        """Listen, then start polling once the state has loaded. Raises FatalError."""
+        registry = build_registry(self.published, self._counts)
         registry.register(PollerProcessCollector(WORKER_NAMESPACE, self._worker_pid))
         try:
             self.server = ExporterServer(
-                self.listen, registry, self.statuses, self.ready, self.web, demo=self.demo
+                self.listen, registry, self.published, self.ready, self.web, demo=self.demo
             )
         except OSError as exc:
             raise FatalError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
@@ -87,7 +88,7 @@ class Exporter:
         for warning in self.config.warnings:
             self.log.warning("configuration readable by others", detail=warning)
         level, fmt = settings()
-        self.worker = PollingProcess(self.config, self._on_status, self._on_counters, level, fmt)
+        self.worker = PollingProcess(self.config, self._on_view, self._on_counts, level, fmt)
         try:
             self.worker.start()
         except WorkerError as exc:

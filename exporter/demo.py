@@ -16,6 +16,7 @@ import time
 from exporter.cli import serve
 from exporter.config import Config, ListenAddress, ProjectConfig, SettleConfig
 from exporter.daemon import Exporter
+from exporter.logs import redact_tokens
 from exporter.simulator import (
     Simulator,
     SimulatorServer,
@@ -68,6 +69,7 @@ def run_demo(listen: ListenAddress | None, rate: float, web: WebConfig | None = 
         config = demo_config(
             api.base_url, f"{state_dir}/demo.db", listen or ListenAddress("0.0.0.0", 9797)
         )
+        redact_tokens(config)
         exporter = Exporter(config, web=web, demo=True)
         traffic.start()
 

@@ -1,7 +1,8 @@
-"""Structured logs (contract §6): one event per line on stderr, logfmt or JSON.
+"""Structured logs (docs/logs.md): one event per line on stderr, logfmt or JSON.
 
-Secrets registered with `redact()` are scrubbed from every event, as a last line of defence: the
-code never logs a token on purpose.
+Secrets registered with `redact()` (every project's API token, by `redact_tokens()`) are scrubbed
+from every event, as a last line of defence: the code never logs a token on purpose. `Secrets` is
+the one scrubber: the API client keeps one of its own for its error texts.
 """
 
 from __future__ import annotations
@@ -13,22 +14,57 @@ from typing import Any, TextIO
 
 import structlog
 
+from exporter.config import Config
+
 LEVELS = ("debug", "info", "warning", "error")
-_secrets: set[str] = set()
+# Shorter "secrets" are not scrubbed: they would garble every text, and real API tokens are
+# dozens of characters.
+MIN_SECRET_LENGTH = 6
+REDACTED = "<redacted>"
 # The settings of the last configure(), for the polling process to log alike.
 _settings = {"level": "info", "format": "logfmt"}
 
 
+class Secrets:
+    """Texts that must never be shown, and the scrubber that replaces them."""
+
+    def __init__(self, *secrets: str) -> None:
+        self._secrets: set[str] = set()
+        for secret in secrets:
+            self.add(secret)
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def add(self, secret: str) -> None:
+        if len(secret) >= MIN_SECRET_LENGTH:
+            self._secrets.add(secret)
+
+    def scrub(self, text: str) -> str:
+        """`text` with every secret replaced by <redacted>."""
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+# The secrets of this process, scrubbed from every log event.
+_secrets = Secrets()
+
+
 def redact(secret: str) -> None:
-    """Never let `secret` reach a log line."""
-    if len(secret) >= 4:
-        _secrets.add(secret)
+    """Never let `secret` reach a log line (nor the texts passed through `scrub`)."""
+    _secrets.add(secret)
+
+
+def redact_tokens(config: Config) -> None:
+    """Never let any project's API token reach a log line: called where a configuration enters a
+    process (loaded by the command line, built by the demo, received by the polling process)."""
+    for project in config.projects:
+        redact(project.api_token)
 
 
 def scrub(text: str) -> str:
-    for secret in _secrets:
-        text = text.replace(secret, "<redacted>")
-    return text
+    return _secrets.scrub(text)
 
 
 def _scrub_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -1,4 +1,4 @@
-"""The /metrics exposition (contract §4), built at scrape time from the published project views.
+"""The /metrics exposition (docs/metrics.md), built at scrape time from the published views.
 
 The message counters come from committed totals, so they continue across restarts instead of
 resetting. The collector only reads immutable snapshots: a scrape never waits for a poll.
@@ -17,14 +17,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
 from exporter.errors import category
-from exporter.ledger import Totals
-from exporter.poller import Counters, ProjectStatus
 from exporter.records import NANO
+from exporter.views import CounterState, ProjectView, TotalsKey, TotalsLike
 
 POLL_ERROR_REASONS = ("api", "auth", "state", "internal")
-# The totals a counter family is drawn from: by error code, by country or by number group; each
-# keyed by direction, kind, status and that fourth label's value.
-Source = Callable[[Any], Mapping[tuple[str, str, str, str], Totals]]
+# The totals a counter family is drawn from (a published view, or the backfill's ledger state): by
+# error code, by country or by number group; each keyed by direction, kind, status and that fourth
+# label's value.
+Source = Callable[[Any], Mapping[TotalsKey, TotalsLike]]
 
 
 @dataclass(frozen=True)
@@ -36,18 +36,18 @@ class CounterFamily:
     help: str
     label: str
     source: Source
-    value: Callable[[Totals], float]
+    value: Callable[[TotalsLike], float]
 
     @property
     def labels(self) -> list[str]:
         return ["project", "direction", "kind", "status", self.label]
 
 
-def _messages(t: Totals) -> float:
+def _messages(t: TotalsLike) -> float:
     return t.messages
 
 
-def _dollars(t: Totals) -> float:
+def _dollars(t: TotalsLike) -> float:
     return t.charge_nano / NANO
 
 
@@ -119,15 +119,17 @@ class ExporterCollector(Collector):
     signalwire_up{project="production"} 1.0
     """
 
-    def __init__(self, statuses: Callable[[], Sequence[ProjectStatus]], counters: Counters) -> None:
-        self.statuses = statuses
-        self.counters = counters
+    def __init__(
+        self, views: Callable[[], Sequence[ProjectView]], counts: Callable[[], CounterState]
+    ) -> None:
+        self.views = views
+        self.counts = counts
 
     def collect(self) -> Iterator[Metric]:
-        statuses = list(self.statuses())
-        yield from _message_families(statuses)
-        yield from _gauges(statuses)
-        yield from self._process_counters(statuses)
+        views = list(self.views())
+        yield from _message_families(views)
+        yield from _gauges(views)
+        yield from self._process_counters(views)
         info = GaugeMetricFamily(
             "signalwire_exporter_build_info",
             "A metric with a constant '1' value labelled by the exporter's version.",
@@ -136,8 +138,8 @@ class ExporterCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
 
-    def _process_counters(self, statuses: Iterable[ProjectStatus]) -> Iterator[Metric]:
-        counts = self.counters.state()
+    def _process_counters(self, views: Iterable[ProjectView]) -> Iterator[Metric]:
+        counts = self.counts()
         api = CounterMetricFamily(
             "signalwire_api_requests",
             'Requests to SignalWire\'s API by HTTP status; code="error" for timeouts and '
@@ -152,8 +154,8 @@ class ExporterCollector(Collector):
             "Message log records skipped as malformed.",
             labels=["project"],
         )
-        for status in statuses:
-            bad.add_metric([status.name], counts.invalid_records.get(status.name, 0))
+        for view in views:
+            bad.add_metric([view.name], counts.invalid_records.get(view.name, 0))
         yield bad
         late = CounterMetricFamily(
             "signalwire_late_records",
@@ -161,8 +163,8 @@ class ExporterCollector(Collector):
             "late); counted normally as well.",
             labels=["project"],
         )
-        for status in statuses:
-            late.add_metric([status.name], counts.late_records.get(status.name, 0))
+        for view in views:
+            late.add_metric([view.name], counts.late_records.get(view.name, 0))
         yield late
         errors = CounterMetricFamily(
             "signalwire_poll_errors",
@@ -172,18 +174,18 @@ class ExporterCollector(Collector):
         )
         # Every reason of every project from the start, at 0 until it happens: a rate over a
         # series that appears only with its first error would miss that first error.
-        keys = {(s.name, reason) for s in statuses for reason in POLL_ERROR_REASONS}
+        keys = {(v.name, reason) for v in views for reason in POLL_ERROR_REASONS}
         for project, reason in sorted(keys | counts.poll_errors.keys()):
             errors.add_metric([project, reason], counts.poll_errors.get((project, reason), 0))
         yield errors
 
 
-def _message_families(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
+def _message_families(views: Sequence[ProjectView]) -> Iterator[Metric]:
     for spec in COUNTER_FAMILIES:
         family = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
-        for status in statuses:
-            for key, totals in sorted(spec.source(status).items()):
-                family.add_metric([status.name, *key], spec.value(totals))
+        for view in views:
+            for key, totals in sorted(spec.source(view).items()):
+                family.add_metric([view.name, *key], spec.value(totals))
         yield family
     pending = GaugeMetricFamily(
         "signalwire_messages_pending",
@@ -195,16 +197,16 @@ def _message_families(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
         "created_at of the oldest message pending in the label set, Unix time.",
         labels=["project", "direction", "kind", "status"],
     )
-    for status in statuses:
-        for pkey, count in sorted(status.pending.items()):
-            pending.add_metric([status.name, *pkey], count)
-        for pkey, created in sorted(status.pending_oldest.items()):
-            oldest.add_metric([status.name, *pkey], created)
+    for view in views:
+        for pkey, count in sorted(view.pending.items()):
+            pending.add_metric([view.name, *pkey], count)
+        for pkey, created in sorted(view.pending_oldest.items()):
+            oldest.add_metric([view.name, *pkey], created)
     yield pending
     yield oldest
 
 
-def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
+def _gauges(views: Sequence[ProjectView]) -> Iterator[Metric]:
     ratio = GaugeMetricFamily(
         "signalwire_message_failure_ratio",
         "Of the messages settled in the last failure_ratio_window, the share failed or "
@@ -232,18 +234,18 @@ def _gauges(statuses: Sequence[ProjectStatus]) -> Iterator[Metric]:
         "Every message created up to this time has been fetched, Unix time.",
         labels=["project"],
     )
-    for status in statuses:
-        name = status.name
-        for (direction, kind), value in sorted(status.failure_ratios.items()):
+    for view in views:
+        name = view.name
+        for (direction, kind), value in sorted(view.failure_ratios.items()):
             ratio.add_metric([name, direction, kind], value)
-        for code, text in sorted(status.error_info.items()):
+        for code, text in sorted(view.error_info.items()):
             error_info.add_metric([name, code, text, category(code)], 1)
-        up.add_metric([name], 1 if status.up else 0)
-        if status.last_success is not None:
-            last_success.add_metric([name], status.last_success)
-        if status.last_duration is not None:
-            duration.add_metric([name], status.last_duration)
-        cursor.add_metric([name], status.cursor)
+        up.add_metric([name], 1 if view.up else 0)
+        if view.last_success is not None:
+            last_success.add_metric([name], view.last_success)
+        if view.last_duration is not None:
+            duration.add_metric([name], view.last_duration)
+        cursor.add_metric([name], view.cursor)
     yield from (ratio, error_info, up, last_success, duration, cursor)
 
 
@@ -251,20 +253,29 @@ class PollerProcessCollector(Collector):
     """The process metrics of the polling process, under their own names and help text (the
     serving process has the usual process_* ones)."""
 
-    def __init__(self, namespace: str, pid: Callable[[], int | str]) -> None:
-        self._process = ProcessCollector(namespace=namespace, pid=pid, registry=None)
+    def __init__(self, namespace: str, pid: Callable[[], int | None]) -> None:
+        """`pid`: the polling process's id, None while there is none (then no series)."""
+        self.pid = pid
+        self._current = 0
+        self._process = ProcessCollector(
+            namespace=namespace, pid=lambda: self._current, registry=None
+        )
 
     def collect(self) -> Iterator[Metric]:
+        pid = self.pid()
+        if pid is None:
+            return
+        self._current = pid
         for metric in self._process.collect():
             metric.documentation = f"Polling process: {metric.documentation}"
             yield metric
 
 
 def build_registry(
-    statuses: Callable[[], Sequence[ProjectStatus]], counters: Counters
+    views: Callable[[], Sequence[ProjectView]], counts: Callable[[], CounterState]
 ) -> CollectorRegistry:
     """A private registry: this exporter's metrics plus the usual process_* metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExporterCollector(statuses, counters))
+    registry.register(ExporterCollector(views, counts))
     ProcessCollector(registry=registry)
     return registry

@@ -2,7 +2,7 @@
 
 Each poll lists new and recently changed message logs, refreshes pending messages the ledger asks
 for, commits the poll's effects in one transaction, and only then applies them and publishes a
-fresh `ProjectStatus` for scrapes. A failed poll publishes `up = 0` and changes nothing else, so the
+fresh `ProjectView` for scrapes. A failed poll publishes `up = 0` and changes nothing else, so the
 next poll starts from the same cursor: an outage delays counts but never loses or doubles them.
 """
 
@@ -12,12 +12,13 @@ import math
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
+from requests.adapters import BaseAdapter
 
 from exporter.catchup import Progress
 from exporter.client import (
@@ -34,7 +35,6 @@ from exporter.ledger import (
     CURSOR_SAFETY,
     LISTING_SLACK,
     Batch,
-    DimensionKey,
     LabelKey,
     Ledger,
     PollDelta,
@@ -43,9 +43,16 @@ from exporter.ledger import (
     Totals,
 )
 from exporter.logs import redact
-from exporter.recent import RecentCounts, RecentSummary
-from exporter.records import InvalidRecord, Message, parse_message, parse_records
+from exporter.recent import RecentCounts
+from exporter.records import (
+    InvalidRecord,
+    Message,
+    format_timestamp,
+    parse_message,
+    parse_records,
+)
 from exporter.store import CommitError, Store
+from exporter.views import CounterState, ProjectView, SettledTotals, StartNote
 
 Clock = Callable[[], float]
 AUTH_BACKOFF_START = 60.0
@@ -59,13 +66,6 @@ LATE_LOG_INTERVAL = 60.0
 # A start_from reaching further back than the recorded start point by more than this is pointed
 # out at start (less is the clock's jitter between starts).
 START_NOTE_TOLERANCE = 10.0
-
-
-class CounterState(NamedTuple):
-    api_requests: dict[tuple[str, str], int]
-    invalid_records: dict[str, int]
-    poll_errors: dict[tuple[str, str], int]
-    late_records: dict[str, int]
 
 
 class Counters:
@@ -107,68 +107,34 @@ class Counters:
                 dict(self.late_records),
             )
 
-    def replace(self, state: CounterState) -> None:
-        """Take over the counts kept by the polling process."""
-        with self._lock:
-            self.api_requests = dict(state.api_requests)
-            self.invalid_records = dict(state.invalid_records)
-            self.poll_errors = dict(state.poll_errors)
-            self.late_records = dict(state.late_records)
+    def __call__(self) -> CounterState:
+        """The counts, as a source for exporter.metrics.build_registry in this process."""
+        return self.state()
 
 
-@dataclass(frozen=True)
-class StartNote:
-    """The configured start_from reaches before the start point recorded at the project's first
-    start: start_from applies to a first start only, so the messages in between are not counted."""
-
-    start_from: float  # seconds, as configured now
-    wanted: float  # where start_from would start counting at this start
-    start_point: float  # where counting started, as recorded
-    command: str  # the backfill that counts the messages in between
-    one_project_config: bool = False  # backfill covers every project of the file: use one
-
-    @property
-    def text(self) -> str:
-        """The note in words, without the command."""
-        only = (
-            " (with a configuration file holding this project only: backfill covers every "
-            "project of the file)"
-            if self.one_project_config
-            else ""
-        )
-        return (
-            f"start_from ({format_duration(round(self.start_from))}) would start counting at "
-            f"{iso_time(self.wanted)}, before the start point recorded at the first start, "
-            f"{iso_time(self.start_point)}; start_from applies to a first start only, so the "
-            f"messages created in between are not counted. To count them in Prometheus, run{only}:"
-        )
+# The view's former name, for the callers that still use it (the benchmarks).
+ProjectStatus = ProjectView
 
 
-@dataclass(frozen=True)
-class ProjectStatus:
-    """An immutable view of one project for /metrics and the landing page, replaced per poll."""
+# How a poller gets its project's client: (project, config, on_request, stop) -> Client.
+ClientFactory = Callable[[ProjectConfig, Config, Callable[[str], None], threading.Event], Client]
 
-    name: str
-    polled: bool = False
-    up: bool = False
-    last_success: float | None = None
-    last_duration: float | None = None
-    last_error: str | None = None
-    cursor: float = 0.0
-    totals: dict[LabelKey, Totals] = field(default_factory=dict)
-    by_country: dict[DimensionKey, Totals] = field(default_factory=dict)
-    by_group: dict[DimensionKey, Totals] = field(default_factory=dict)
-    pending: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    pending_oldest: dict[tuple[str, str, str], float] = field(default_factory=dict)
-    failure_ratios: dict[tuple[str, str], float] = field(default_factory=dict)
-    error_info: dict[str, str] = field(default_factory=dict)
-    catch_up: Progress | None = None  # while a backlog is being taken in
-    recent: RecentSummary | None = None  # settled lately, counted since the exporter started
-    start_note: StartNote | None = None  # start_from reaches before the recorded start point
 
-    @property
-    def pending_total(self) -> int:
-        return sum(self.pending.values())
+def poll_client(
+    project: ProjectConfig,
+    config: Config,
+    on_request: Callable[[str], None],
+    stop: threading.Event,
+    adapter: BaseAdapter | None = None,
+    kind: type[Client] = Client,
+) -> Client:
+    """The client a poller uses: retries within a poll stay within about one poll interval (the
+    next poll retries on), and a stop cuts every wait short. `adapter` and `kind`: another
+    transport or another Client class (the simulator's, a test's)."""
+    retry = RetryPolicy(attempts=4, max_delay=min(30.0, config.poll_interval))
+    return kind.for_project(
+        project, config, on_request=on_request, retry=retry, stop=stop, adapter=adapter
+    )
 
 
 class ProjectPoller:
@@ -180,7 +146,8 @@ class ProjectPoller:
         counters: Counters,
         stop: threading.Event,
         clock: Clock = time.time,
-        on_publish: Callable[[ProjectStatus], None] | None = None,
+        on_publish: Callable[[ProjectView], None] | None = None,
+        connect: ClientFactory = poll_client,
     ) -> None:
         self.project = project
         self.config = config
@@ -190,20 +157,12 @@ class ProjectPoller:
         self.clock = clock
         self.on_publish = on_publish
         self.log = structlog.get_logger().bind(project=project.name)
-        self.client = Client(
-            project.base_url,
-            project.project_id,
-            project.api_token,
-            timeout=config.request_timeout,
-            page_size=config.page_size,
-            on_request=lambda code: counters.request(project.name, code),
-            # Retries within a poll stay within about one poll interval; the next poll retries on.
-            retry=RetryPolicy(attempts=4, max_delay=min(30.0, config.poll_interval)),
-            stop=stop,
+        self.client = connect(
+            project, config, lambda code: counters.request(project.name, code), stop
         )
         self.rules = Rules.of(config)
         self.ledger: Ledger | None = None
-        self.status = ProjectStatus(project.name)
+        self.view = ProjectView(project.name)
         self._invalid_keys: set[str] = set()
         self._auth_failures = 0
         self._last_success: float | None = None
@@ -225,8 +184,8 @@ class ProjectPoller:
         self.ledger = Ledger(self.rules, state)
         self.log.info(
             "state loaded",
-            start_point=iso_time(state.start_point),
-            cursor=iso_time(state.cursor),
+            start_point=format_timestamp(state.start_point),
+            cursor=format_timestamp(state.cursor),
             pending=len(state.pending),
         )
         self._start_note = self._earlier_start(now, state.start_point)
@@ -236,8 +195,8 @@ class ProjectPoller:
                 "start_from reaches before the recorded start point; the messages in between "
                 "are not counted",
                 start_from=format_duration(round(note.start_from)),
-                wanted_start=iso_time(note.wanted),
-                start_point=iso_time(note.start_point),
+                wanted_start=format_timestamp(note.wanted),
+                start_point=format_timestamp(note.start_point),
                 backfill=note.command,
             )
         self._publish(polled=False, up=False, duration=None, error=None)
@@ -252,8 +211,8 @@ class ProjectPoller:
         # Backfill counts messages created before --to; live counting, those from the start point
         # on. Creation times are whole seconds: the next whole second leaves no gap between them.
         command = (
-            f"signalwire-exporter backfill{config_file} --from {iso_time(wanted)} "
-            f"--to {iso_time(math.ceil(start_point))} --output history.om"
+            f"signalwire-exporter backfill{config_file} --from {format_timestamp(wanted)} "
+            f"--to {format_timestamp(math.ceil(start_point))} --output history.om"
         )
         return StartNote(
             start_from=self.config.start_from,
@@ -305,7 +264,7 @@ class ProjectPoller:
                     continue  # the window was resized: plan the step again
                 if self.stop.is_set():
                     # Stopping while the last answer came in: the step is abandoned
-                    # uncommitted, as the README promises; the next start redoes it.
+                    # uncommitted, as docs/cli.md promises; the next start redoes it.
                     raise Stopped("stopping")
                 self.store.commit(self.project.name, delta)
                 self.recent.add(self.clock(), delta.totals)
@@ -329,7 +288,7 @@ class ProjectPoller:
         self._auth_failures = 0
         duration = self.clock() - started
         self._last_success = self.clock()
-        recovered = self.status.polled and not self.status.up
+        recovered = self.view.polled and not self.view.up
         progress, self._progress = self._progress, None
         self._publish(polled=True, up=True, duration=duration, error=None)
         if progress is not None:
@@ -337,7 +296,7 @@ class ProjectPoller:
                 "caught up",
                 messages=progress.messages + delta.new_messages,
                 seconds=round(time.monotonic() - self._progress_began, 1),
-                cursor=iso_time(delta.cursor),
+                cursor=format_timestamp(delta.cursor),
             )
         event = "poll recovered" if recovered else "poll finished"
         log = self.log.info if recovered or delta.settled_count else self.log.debug
@@ -346,8 +305,8 @@ class ProjectPoller:
             new=delta.new_messages,
             settled=delta.settled_count,
             settled_by_timeout=delta.settled_by_timeout,
-            pending=self.status.pending_total,
-            cursor=iso_time(delta.cursor),
+            pending=self.view.pending_total,
+            cursor=format_timestamp(delta.cursor),
             duration=round(duration, 3),
         )
         return True
@@ -386,14 +345,14 @@ class ProjectPoller:
             elapsed=now - self._progress_began,
         )
         self._last_success = self.clock()
-        self._publish(polled=True, up=True, duration=self.status.last_duration, error=None)
+        self._publish(polled=True, up=True, duration=self.view.last_duration, error=None)
         if now - self._progress_logged >= PROGRESS_LOG_INTERVAL:
             self._progress_logged = now
             eta = progress.eta_seconds
             self.log.info(
                 "catching up",
                 done=f"{progress.share:.1%}",
-                cursor=iso_time(delta.cursor),
+                cursor=format_timestamp(delta.cursor),
                 behind=format_duration(round(max(0.0, progress.target - delta.cursor))),
                 messages=progress.messages,
                 messages_per_second=round(progress.messages_per_second),
@@ -469,7 +428,9 @@ class ProjectPoller:
             return True
         after, before = plan.listings[0]
         if before is not None and low <= high and not windows.within(low, high, after, before):
-            self._coarse(f"records created from {iso_time(low)} to {iso_time(high)} listed")
+            self._coarse(
+                f"records created from {format_timestamp(low)} to {format_timestamp(high)} listed"
+            )
             return False
         if windows.verified:
             return True
@@ -481,7 +442,8 @@ class ProjectPoller:
         page = next(self.client.list_pages(high - 1, high + 1), None)
         times = [m.created_at for m in parse_records(page.records if page else [], _ignore)]
         if not windows.probed(high, times):
-            self._coarse(f"a listing of {iso_time(high - 1)} to {iso_time(high + 1)} did not match")
+            probe = f"{format_timestamp(high - 1)} to {format_timestamp(high + 1)}"
+            self._coarse(f"a listing of {probe} did not match")
             return False
         return True
 
@@ -509,8 +471,8 @@ class ProjectPoller:
             allowed = self.client.oldest_listable(after, plan.now)
             self.log.error(
                 "messages beyond SignalWire's history limit are not counted",
-                skipped_from=iso_time(after),
-                skipped_to=iso_time(allowed),
+                skipped_from=format_timestamp(after),
+                skipped_to=format_timestamp(allowed),
             )
             plan = self._moved(plan, allowed)
             after, before = plan.listings[0]
@@ -555,14 +517,14 @@ class ProjectPoller:
         token = read_token_file(path)
         if not token or token == self._token:
             return False
-        redact(token)
+        redact(token)  # a token rotated in: never logged either
         self._token = token
         self.client.set_token(token)
         return True
 
     def _failed(self, started: float, error: str, reason: str, alarm: bool = False) -> bool:
         duration = self.clock() - started
-        first_failure = self.status.up or not self.status.polled
+        first_failure = self.view.up or not self.view.polled
         self._publish(polled=True, up=False, duration=duration, error=error)
         self.counters.poll_error(self.project.name, reason)
         log = self.log.error if alarm or first_failure else self.log.warning
@@ -574,10 +536,10 @@ class ProjectPoller:
         state = self.ledger.state
         # A label set that has been pending stays exported at 0, so graphs drop to zero instead
         # of ending (the label values are bounded by the API's enums).
-        pending = dict.fromkeys(self.status.pending, 0) | self.ledger.pending_by_labels()
-        self.status = ProjectStatus(
+        pending = dict.fromkeys(self.view.pending, 0) | self.ledger.pending_by_labels()
+        self.view = ProjectView(
             name=self.project.name,
-            polled=polled or self.status.polled,
+            polled=polled or self.view.polled,
             up=up,
             last_success=self._last_success,
             last_duration=duration,
@@ -595,16 +557,12 @@ class ProjectPoller:
             start_note=self._start_note,
         )
         if self.on_publish is not None:
-            self.on_publish(self.status)
+            self.on_publish(self.view)
 
 
-def copy_totals(totals: dict[LabelKey, Totals]) -> dict[LabelKey, Totals]:
+def copy_totals(totals: Mapping[LabelKey, Totals]) -> dict[LabelKey, SettledTotals]:
     """A snapshot for the published view: the ledger's Totals change in place."""
-    return {k: Totals(v.messages, v.segments, v.charge_nano) for k, v in totals.items()}
-
-
-def iso_time(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return {k: SettledTotals(v.messages, v.segments, v.charge_nano) for k, v in totals.items()}
 
 
 def _prepend(first: Page | None, rest: Iterator[Page]) -> Iterator[Page]:

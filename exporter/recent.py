@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from exporter.ledger import FAILED_STATUSES, LabelKey, Totals
+from exporter.views import RecentSummary
 
 BUCKET_SECONDS = 60
 BUCKETS = 1440  # 24 h of minutes
@@ -23,26 +23,6 @@ DAY = 86400
 def is_outbound(direction: str) -> bool:
     """outbound, outbound-api, outbound-call, outbound-reply."""
     return direction.startswith("outbound")
-
-
-@dataclass(frozen=True)
-class RecentSummary:
-    """Plain figures for the published view (picklable; no reference to the buckets)."""
-
-    since: float  # counting began here (the exporter's start): the figures cover no more
-    settled_hour: int = 0
-    settled_day: int = 0
-    outbound_hour: int = 0  # outbound messages settled in the last hour
-    outbound_failed_hour: int = 0  # of those, failed or undelivered
-    charge_nano_today: int = 0  # since 00:00 UTC
-    charge_nano_day: int = 0  # last 24 h
-
-    @property
-    def failure_ratio_hour(self) -> float | None:
-        """Failed or undelivered among the outbound settled in the last hour; None when none."""
-        if not self.outbound_hour:
-            return None
-        return self.outbound_failed_hour / self.outbound_hour
 
 
 class RecentCounts:

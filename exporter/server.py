@@ -1,4 +1,4 @@
-"""The HTTP endpoints of contract §5, on a threaded server so scrapes are served during polls."""
+"""The HTTP endpoints (docs/endpoints.md), on a threaded server: scrapes are served during polls."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.config import ListenAddress, format_duration
 from exporter.logs import scrub
-from exporter.poller import ProjectStatus, StartNote
-from exporter.recent import RecentSummary
+from exporter.views import ProjectView, RecentSummary, StartNote
 from exporter.webconfig import WebConfig
 
 # A client that connects and sends nothing must not hold a thread for long.
@@ -42,7 +41,7 @@ class ExporterServer(ThreadingHTTPServer):
         self,
         address: ListenAddress,
         registry: CollectorRegistry,
-        statuses: Callable[[], Sequence[ProjectStatus]],
+        views: Callable[[], Sequence[ProjectView]],
         ready: Callable[[], bool],
         web: WebConfig | None = None,
         demo: bool = False,
@@ -50,7 +49,7 @@ class ExporterServer(ThreadingHTTPServer):
         self.web = web or WebConfig()
         self.demo = demo  # the landing page says the data is simulated
         self.registry = registry
-        self.statuses = statuses
+        self.views = views
         self.ready = ready
         if ":" in address.host:
             self.address_family = socket.AF_INET6
@@ -141,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._metrics(head)
         elif path == "/":
-            page = _landing(self.server.statuses(), self.server.demo)
+            page = _landing(self.server.views(), self.server.demo)
             self._send(200, "text/html; charset=utf-8", page, head)
         elif path == "/-/healthy":
             self._send(200, "text/plain; charset=utf-8", b"Healthy.\n", head)
@@ -180,9 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
 
 
-def _catch_up(status: ProjectStatus) -> str:
+def _catch_up(view: ProjectView) -> str:
     """How far a catch-up has come, or "none" when the cursor is current."""
-    progress = status.catch_up
+    progress = view.catch_up
     if progress is None:
         return "none"
     eta = progress.eta_seconds
@@ -275,7 +274,7 @@ def _start_note(note: StartNote) -> str:
     return f"{html.escape(note.text)}<br><code>{html.escape(note.command)}</code>"
 
 
-def _project(s: ProjectStatus, now: float) -> str:
+def _project(s: ProjectView, now: float) -> str:
     up = "not polled yet" if not s.polled else "up" if s.up else "down"
     cells = [
         s.name,
@@ -298,16 +297,14 @@ def _project(s: ProjectStatus, now: float) -> str:
     return "<tbody>" + "".join(lines) + "</tbody>"
 
 
-def _since(statuses: Sequence[ProjectStatus]) -> str:
-    starts = [s.recent.since for s in statuses if s.recent is not None]
+def _since(views: Sequence[ProjectView]) -> str:
+    starts = [v.recent.since for v in views if v.recent is not None]
     if not starts:
         return ""
     return f" (started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(min(starts)))})"
 
 
-def _landing(
-    statuses: Sequence[ProjectStatus], demo: bool = False, now: float | None = None
-) -> bytes:
+def _landing(views: Sequence[ProjectView], demo: bool = False, now: float | None = None) -> bytes:
     now = time.time() if now is None else now
     banner = (
         '<p class="demo">Demo: simulated data from the built-in SignalWire simulator, '
@@ -322,9 +319,9 @@ def _landing(
         + "</th>"
         for h, sub, align in _HEADINGS
     )
-    projects = "\n".join(_project(s, now) for s in statuses)
+    projects = "\n".join(_project(v, now) for v in views)
     shown = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
-    since = html.escape(_since(statuses))
+    since = html.escape(_since(views))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{LANDING_REFRESH}">

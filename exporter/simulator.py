@@ -62,7 +62,6 @@ ERROR_DOCS_URL = "https://developer.signalwire.com/rest/overview/error-codes"
 FILTER_NAMES = ("created_after", "created_before", "created_on")
 DEFAULT_PAGE_SIZE = 50
 DAY = 86400
-LIST_ORDERS = ("newest", "oldest", "arbitrary")
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _ERROR_MESSAGES = {
@@ -649,31 +648,64 @@ class Simulator:
         if errors:
             return Response(422, {"errors": errors})
         raw_token = param("page_token")
-        token: _PageToken | None = None
-        if raw_token is not None:
-            with self._lock:
-                rejected = self._reject_tokens_remaining > 0
-                if rejected:
-                    self._reject_tokens_remaining -= 1
-            token = None if rejected else self._decode_token(raw_token)
-            if (
-                token is None
-                or token.project_id != project.id
-                or token.offset != page_number * page_size
-            ):
-                return _validation_error(
-                    "page_token_is_invalid", "Page token is invalid", "page_token"
-                )
-        elif page_number > 0:
-            return _validation_error("page_token_required", "Page token is required", "page_token")
+        token = self._page_token(project, raw_token, page_number * page_size)
+        if isinstance(token, Response):
+            return token
         # The query's filters replace those a token remembers; without any, the token's apply.
         filters = query_filters or (token.filters if token is not None else {})
         filtered = self._filter(filters, now, errors)
         if filtered is None:
             return Response(422, {"errors": errors})
-
+        records = self._listed(project, *filtered, now)
+        offset = page_number * page_size
         with self._lock:
-            accept, low, high = filtered
+            extra = 0
+            if self._oversize_remaining > 0:
+                self._oversize_remaining -= 1
+                extra = self._oversize_extra
+            repeat = self._repeat_next_remaining > 0 and offset + page_size < len(records)
+            if repeat:
+                self._repeat_next_remaining -= 1
+            invalid = list(self.invalid_records.get(project.id, ())) if offset == 0 else []
+        page = records[offset : offset + page_size + extra]
+
+        links = self._links(
+            project, base_url, filters, page_number, page_size, raw_token, len(records)
+        )
+        if repeat:
+            links["next"] = links["self"]
+        data = [m.to_json(now, base_url) for m in page] + invalid
+        return Response(200, {"links": links, "data": data})
+
+    def _page_token(
+        self, project: _Project, raw_token: str | None, offset: int
+    ) -> _PageToken | Response | None:
+        """The query's page token (None without one), or the 422 that refuses it."""
+        if raw_token is None:
+            if offset > 0:
+                return _validation_error(
+                    "page_token_required", "Page token is required", "page_token"
+                )
+            return None
+        with self._lock:
+            rejected = self._reject_tokens_remaining > 0
+            if rejected:
+                self._reject_tokens_remaining -= 1
+        token = None if rejected else self._decode_token(raw_token)
+        if token is None or token.project_id != project.id or token.offset != offset:
+            return _validation_error("page_token_is_invalid", "Page token is invalid", "page_token")
+        return token
+
+    def _listed(
+        self,
+        project: _Project,
+        accept: Callable[[float], bool],
+        low: float,
+        high: float,
+        now: float,
+    ) -> list[SimMessage]:
+        """The messages the filters accept, visible at `now`, in the listing's order."""
+        with self._lock:
             index = project.index
             first = bisect.bisect_left(index, (low, ""))
             last = bisect.bisect_right(index, (min(high, now), "\uffff"))
@@ -689,17 +721,19 @@ class Simulator:
             records.sort(key=lambda m: hashlib.sha256(m.id.encode()).digest())
         elif self.list_order != "oldest":
             records.reverse()
-        offset = page_number * page_size
-        with self._lock:
-            extra = 0
-            if self._oversize_remaining > 0:
-                self._oversize_remaining -= 1
-                extra = self._oversize_extra
-            repeat = self._repeat_next_remaining > 0 and offset + page_size < len(records)
-            if repeat:
-                self._repeat_next_remaining -= 1
-            invalid = list(self.invalid_records.get(project.id, ())) if offset == 0 else []
-        page = records[offset : offset + page_size + extra]
+        return records
+
+    def _links(
+        self,
+        project: _Project,
+        base_url: str,
+        filters: Mapping[str, str],
+        page_number: int,
+        page_size: int,
+        raw_token: str | None,
+        total: int,
+    ) -> dict[str, str]:
+        """The page's self, first, next and prev links, as SignalWire writes them."""
 
         def link(number: int | None, keep_filters: bool, token_offset: int | None) -> str:
             params: list[tuple[str, str]] = []
@@ -724,24 +758,20 @@ class Simulator:
             "first": link(None, True, None),
         }
         keep = self.next_link_keeps_filters
-        if offset + page_size < len(records):
+        offset = page_number * page_size
+        if offset + page_size < total:
             links["next"] = link(page_number + 1, keep, offset + page_size)
         if page_number > 0:
             links["prev"] = link(page_number - 1, keep, offset - page_size)
-        if repeat:
-            links["next"] = links["self"]
-        data = [m.to_json(now, base_url) for m in page] + invalid
-        return Response(200, {"links": links, "data": data})
+        return links
 
-    def _filter(
-        self, filters: Mapping[str, str], now: float, errors: list[dict[str, Any]]
-    ) -> tuple[Callable[[float], bool], float, float] | None:
-        """A predicate on created_at for the filters with the range it can accept, or None after
-        appending the 422 errors."""
+    def _bounds(
+        self, filters: Mapping[str, str], errors: list[dict[str, Any]]
+    ) -> tuple[float | None, float | None, float | None]:
+        """created_after, created_before and the start of created_on's day, as honoured (None
+        when not given or not valid: the 422 errors are appended)."""
         lower: float | None = None
         upper: float | None = None
-        inclusive = self.created_after_inclusive
-        before_inclusive = self.created_before_inclusive
         for name in ("created_after", "created_before"):
             if name not in filters:
                 continue
@@ -767,6 +797,16 @@ class Simulator:
                 )
             else:
                 on_start = parsed[0]
+        return lower, upper, on_start
+
+    def _filter(
+        self, filters: Mapping[str, str], now: float, errors: list[dict[str, Any]]
+    ) -> tuple[Callable[[float], bool], float, float] | None:
+        """A predicate on created_at for the filters with the range it can accept, or None after
+        appending the 422 errors."""
+        inclusive = self.created_after_inclusive
+        before_inclusive = self.created_before_inclusive
+        lower, upper, on_start = self._bounds(filters, errors)
         if errors:
             return None
         if self.history_limit is not None:

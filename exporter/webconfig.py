@@ -299,6 +299,46 @@ def _tls(
             raise error(f"tls_server_config.{key}", "must be a file path")
         return str(base / value)
 
+    auth_type, ca_key = _client_auth(section, error)
+    allowed = _allowed_sans(section, auth_type, error)
+    minimum, maximum = _versions(section, error)
+    prefer_server = True  # the toolkit's default
+    if section.get("prefer_server_cipher_suites") is not None:
+        prefer_server = _bool(
+            section["prefer_server_cipher_suites"],
+            "tls_server_config.prefer_server_cipher_suites",
+            error,
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(resolve("cert_file"), resolve("key_file"))
+    except (OSError, ssl.SSLError) as exc:
+        raise error(
+            "tls_server_config.cert_file", f"cannot load certificate and key: {exc}"
+        ) from None
+    context.verify_mode = CLIENT_AUTH_TYPES[auth_type]
+    if ca_key == "client_ca_file":
+        try:
+            context.load_verify_locations(resolve("client_ca_file"))
+        except (OSError, ssl.SSLError) as exc:
+            raise error("tls_server_config.client_ca_file", f"cannot load: {exc}") from None
+    elif ca_key == "client_ca":
+        _load_client_ca(context, section["client_ca"], error)
+    context.minimum_version = minimum
+    context.maximum_version = maximum
+    if prefer_server:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if allowed is not None:
+        context.sslsocket_class = _allowed_sans_socket(allowed)
+    return context, allowed
+
+
+def _client_auth(section: dict[str, Any], error: Error) -> tuple[str, str | None]:
+    """client_auth_type, and which of client_ca_file and client_ca holds the client CA (None:
+    neither, with NoClientCert)."""
     auth_type = section.get("client_auth_type") or "NoClientCert"
     if auth_type in UNSUPPORTED_CLIENT_AUTH_TYPES:
         raise error(
@@ -322,7 +362,11 @@ def _tls(
         )
     if not ca_keys and auth_type != "NoClientCert":
         raise error("tls_server_config.client_ca_file", f"is required with {auth_type}")
-    allowed = _allowed_sans(section, auth_type, error)
+    return auth_type, ca_keys[0] if ca_keys else None
+
+
+def _versions(section: dict[str, Any], error: Error) -> tuple[ssl.TLSVersion, ssl.TLSVersion]:
+    """min_version and max_version, the toolkit's defaults when not set."""
     versions = {}
     for key in ("min_version", "max_version"):
         version = section.get(key)
@@ -341,43 +385,16 @@ def _tls(
             f"{section.get('max_version')} is below min_version "
             f"{section.get('min_version', 'TLS12')}",
         )
-    prefer_server = True  # the toolkit's default
-    if section.get("prefer_server_cipher_suites") is not None:
-        prefer_server = _bool(
-            section["prefer_server_cipher_suites"],
-            "tls_server_config.prefer_server_cipher_suites",
-            error,
-        )
+    return minimum, maximum
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+def _load_client_ca(context: ssl.SSLContext, pem: Any, error: Error) -> None:
+    if not isinstance(pem, str):
+        raise error("tls_server_config.client_ca", "must be PEM text")
     try:
-        context.load_cert_chain(resolve("cert_file"), resolve("key_file"))
-    except (OSError, ssl.SSLError) as exc:
-        raise error(
-            "tls_server_config.cert_file", f"cannot load certificate and key: {exc}"
-        ) from None
-    context.verify_mode = CLIENT_AUTH_TYPES[auth_type]
-    if "client_ca_file" in ca_keys:
-        try:
-            context.load_verify_locations(resolve("client_ca_file"))
-        except (OSError, ssl.SSLError) as exc:
-            raise error("tls_server_config.client_ca_file", f"cannot load: {exc}") from None
-    elif "client_ca" in ca_keys:
-        if not isinstance(section["client_ca"], str):
-            raise error("tls_server_config.client_ca", "must be PEM text")
-        try:
-            context.load_verify_locations(cadata=section["client_ca"])
-        except (ValueError, ssl.SSLError) as exc:
-            raise error("tls_server_config.client_ca", f"cannot load: {exc}") from None
-    context.minimum_version = minimum
-    context.maximum_version = maximum
-    if prefer_server:
-        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    else:
-        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-    if allowed is not None:
-        context.sslsocket_class = _allowed_sans_socket(allowed)
-    return context, allowed
+        context.load_verify_locations(cadata=pem)
+    except (ValueError, ssl.SSLError) as exc:
+        raise error("tls_server_config.client_ca", f"cannot load: {exc}") from None
 
 
 def _allowed_sans(section: dict[str, Any], auth_type: str, error: Error) -> frozenset[str] | None:

@@ -66,8 +66,8 @@ def select(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[s
     return {lbl: v for (n, lbl), v in samples.items() if n == name and want <= set(lbl)}
 
 
-# The metric names of the contract: rules and dashboards may use these and nothing else.
-CONTRACT_METRICS = frozenset(
+# The metric names of docs/metrics.md: rules and dashboards may use these and nothing else.
+DOCUMENTED_METRICS = frozenset(
     {
         "signalwire_messages_total",
         "signalwire_message_segments_total",

@@ -1,5 +1,5 @@
-"""Crash safety of the state file (contract §3 rules 6-8, docs/counting.md "State file"), against
-the real daemon as a subprocess and the simulator over HTTP:
+"""Crash safety of the state file (docs/counting.md "State file"), against the real daemon as a
+subprocess and the simulator over HTTP:
 
 - SIGKILL at 24 random instants (during startup, between polls, in the middle of commits) under
   live traffic: no message counter (those by country and number group included) is ever seen

@@ -190,10 +190,6 @@ def seed_scripted_messages(simulator: Simulator, now: float) -> None:
     )
 
 
-def start_point_bounds(before: float, after: float) -> tuple[float, float]:
-    return before - START_FROM, after - START_FROM
-
-
 def test_counts_equal_ground_truth(sim: tuple[Simulator, str], tmp_path: Path) -> None:
     simulator, base_url = sim
     now = math.floor(time.time())

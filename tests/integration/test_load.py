@@ -343,7 +343,7 @@ def test_hundred_idle_connections_do_not_stop_scrapes(daemon: Daemon) -> None:
 
 
 def test_clients_that_hang_up_leave_no_traceback_in_the_log(daemon: Daemon) -> None:
-    """Contract §6: one event per line on stderr, also when clients hang up before the answer."""
+    """docs/logs.md: one event per line on stderr, also when clients hang up before the answer."""
     pid = pid_of(daemon)
     _, threads_before = baseline(daemon)
     for request in (

@@ -22,8 +22,8 @@ import yaml
 
 from exporter.config import ConfigError, ListenAddress
 from exporter.metrics import build_registry
-from exporter.poller import Counters, ProjectStatus
 from exporter.server import ExporterServer
+from exporter.views import CounterState, ProjectView
 from exporter.webconfig import load_web_config
 from tests.helpers import ROOT, free_port, wait_for
 
@@ -71,11 +71,11 @@ def web_config(pki: Path, **sections: object) -> Path:
 
 
 def serve(config: Path) -> Iterator[str]:
-    status = ProjectStatus(name="p", polled=True, up=True)
-    registry = build_registry(lambda: [status], Counters())
+    view = ProjectView(name="p", polled=True, up=True)
+    registry = build_registry(lambda: [view], CounterState.zero)
     web = load_web_config(str(config))
     server = ExporterServer(
-        ListenAddress("127.0.0.1", 0), registry, lambda: [status], lambda: True, web
+        ListenAddress("127.0.0.1", 0), registry, lambda: [view], lambda: True, web
     )
     server.start()
     try:

@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from exporter.config import Config, ProjectConfig, SettleConfig
-from exporter.poller import CounterState, ProjectStatus
+from exporter.polling import HEARTBEAT_TIMEOUT, PollingProcess, worker_command
 from exporter.simulator import Simulator, SimulatorServer, TrafficGenerator, TrafficProfile
-from exporter.worker import HEARTBEAT_TIMEOUT, PollingProcess, worker_command
+from exporter.views import CounterState, ProjectView
 from tests.helpers import (
     ROOT,
     Daemon,
@@ -201,7 +201,7 @@ def test_a_silent_polling_process_is_given_up(tmp_path: Path, base_url: str) -> 
         source="<test>",
     )
     now = [0.0]
-    views: list[ProjectStatus] = []
+    views: list[ProjectView] = []
     counters: list[CounterState] = []
     worker = PollingProcess(
         config, lambda _, v: views.append(v), counters.append, "warning", "logfmt", lambda: now[0]

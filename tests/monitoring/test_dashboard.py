@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import CONTRACT_METRICS
+from tests.helpers import DOCUMENTED_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"
@@ -32,9 +32,11 @@ PROJECT_FILTER = 'project=~"$project"'
 
 # The dashboard shows each of these: the counters by country and by number group, and the
 # oldest pending message.
-INSIGHT_METRICS = frozenset(name for name in CONTRACT_METRICS if "_by_" in name or "oldest" in name)
+INSIGHT_METRICS = frozenset(
+    name for name in DOCUMENTED_METRICS if "_by_" in name or "oldest" in name
+)
 
-# The one contract metric without a `project` label; its queries filter through signalwire_up.
+# The one documented metric without a `project` label; its queries filter through signalwire_up.
 WITHOUT_PROJECT = frozenset({"signalwire_exporter_build_info"})
 REQUIRED_ROWS = (
     "Volume",
@@ -185,7 +187,7 @@ def test_queries_use_only_exported_metrics() -> None:
     texts = [*dashboard_queries(), _variables()["project"]["query"]["query"]]
     used = {name for text in texts for name in _METRIC.findall(text)}
     assert used, "no metric found in the queries"
-    assert used <= CONTRACT_METRICS, sorted(used - CONTRACT_METRICS)
+    assert used <= DOCUMENTED_METRICS, sorted(used - DOCUMENTED_METRICS)
     assert len(INSIGHT_METRICS) == 5 and used >= INSIGHT_METRICS, sorted(INSIGHT_METRICS - used)
 
 

@@ -23,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import CONTRACT_METRICS, ROOT, free_port, wait_for
+from tests.helpers import DOCUMENTED_METRICS, ROOT, free_port, wait_for
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "signalwire.rules.yml"
@@ -39,7 +39,7 @@ RUNBOOK_DOCUMENTS = ("docs/runbooks.md",)
 SEVERITIES = {"critical", "warning", "info"}
 
 # The exporter's metrics, plus Prometheus's own `up`.
-EXPORTED_METRICS = CONTRACT_METRICS | {"up"}
+EXPORTED_METRICS = DOCUMENTED_METRICS | {"up"}
 
 # PromQL words that look like identifiers but are not metric names.
 PROMQL_KEYWORDS = {

@@ -1,4 +1,4 @@
-"""The command line (contract §1): exit statuses, one-line errors, `check`, and `run`'s refusals.
+"""The command line (docs/cli.md): exit statuses, one-line errors, `check`, and `run`'s refusals.
 
 Most cases call `main()` in-process; a few run `python -m exporter` to prove what a shell sees: the
 exit status, exactly one line on stderr and no traceback.
@@ -379,7 +379,6 @@ class FakeExporter:
     ) -> None:
         self.config = config
         self.listen = listen or config.listen_address
-        self.started = self.stopped = False
 
 
 def test_run_flag_beats_the_file(

@@ -1,4 +1,5 @@
-"""The configuration file (contract §2): durations, ${VAR} expansion, defaults and every error.
+"""The configuration file (docs/configuration.md): durations, ${VAR} expansion, defaults and
+every error.
 
 Every error must be one line that starts with the file's path and names the key, because the CLI
 prints it as is and exits 2.
@@ -339,7 +340,7 @@ def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_every_default_of_the_contract(tmp_path: Path) -> None:
+def test_every_documented_default(tmp_path: Path) -> None:
     config = load(tmp_path, PROJECT)
     assert config.listen_address == ListenAddress("0.0.0.0", 9797)
     assert str(config.listen_address) == "0.0.0.0:9797"
@@ -400,7 +401,7 @@ def test_malformed_sections(tmp_path: Path, text: str, key: str) -> None:
     assert f": {key}: " in error(tmp_path, text + PROJECT)
 
 
-def test_the_contract_example_loads(tmp_path: Path) -> None:
+def test_the_documented_example_loads(tmp_path: Path) -> None:
     config = load(
         tmp_path,
         """\

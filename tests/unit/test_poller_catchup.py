@@ -4,12 +4,13 @@ make many windows."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from exporter import catchup
 from exporter.catchup import Windows
 from exporter.config import Config, ProjectConfig, SettleConfig
 from exporter.ledger import LabelKey, PollDelta, Totals
-from exporter.poller import Counters, ProjectPoller, ProjectStatus
+from exporter.poller import Counters, ProjectPoller, poll_client
 from exporter.simulator import Simulator, SimulatorAdapter, Step
 from exporter.store import Store
+from exporter.views import ProjectView
 
 BASE = "http://simulator.invalid"
 PID, TOKEN = "p-1", "PTgood-token"
@@ -82,9 +84,14 @@ def make_poller(state_path: str, simulator: Simulator, start_from: float) -> Pro
         page_size=25,
     )
     poller = ProjectPoller(
-        project, config, Store(state_path), Counters(), threading.Event(), clock=simulator.clock
+        project,
+        config,
+        HookedStore(state_path),
+        Counters(),
+        threading.Event(),
+        clock=simulator.clock,
+        connect=functools.partial(poll_client, adapter=SimulatorAdapter(simulator, BASE)),
     )
-    poller.client.session.mount(BASE, SimulatorAdapter(simulator, BASE))
     poller.load()
     return poller
 
@@ -104,19 +111,34 @@ def counted(totals: dict[LabelKey, Totals]) -> dict[LabelKey, tuple[int, int, in
     return {k: (t.messages, t.segments, t.charge_nano) for k, t in totals.items()}
 
 
+class HookedStore(Store):
+    """The real store, calling hooks before and after each commit."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.before: list[Callable[[PollDelta], None]] = []
+        self.after: list[Callable[[PollDelta], None]] = []
+
+    def commit(self, project: str, delta: PollDelta) -> None:
+        for hook in self.before:
+            hook(delta)
+        super().commit(project, delta)
+        for hook in self.after:
+            hook(delta)
+
+
+def hooks(poller: ProjectPoller) -> HookedStore:
+    assert isinstance(poller.store, HookedStore)
+    return poller.store
+
+
 class Recorder:
     """Every commit of a poller, and every view it publishes."""
 
     def __init__(self, poller: ProjectPoller) -> None:
         self.deltas: list[PollDelta] = []
-        self.views: list[ProjectStatus] = []
-        real_commit = poller.store.commit
-
-        def commit(project: str, delta: PollDelta) -> None:
-            real_commit(project, delta)
-            self.deltas.append(delta)
-
-        poller.store.commit = commit  # type: ignore[method-assign]
+        self.views: list[ProjectView] = []
+        hooks(poller).after.append(self.deltas.append)
         poller.on_publish = self.views.append
 
 
@@ -193,18 +215,16 @@ def test_a_failure_mid_catch_up_keeps_the_committed_steps(workdir: Path) -> None
     state = str(workdir / "state.db")
     poller = make_poller(state, simulator, start_from=2 * HOUR + 60)
     recorder = Recorder(poller)
-    real_commit = poller.store.commit
 
-    def commit_then_fail_later(project: str, delta: PollDelta) -> None:
-        real_commit(project, delta)
+    def fail_later(_: PollDelta) -> None:
         if len(recorder.deltas) == 5:
             simulator.set_outage(True)  # every request from now on fails
 
-    poller.store.commit = commit_then_fail_later  # type: ignore[method-assign]
+    hooks(poller).after.append(fail_later)
     assert not poller.poll_once()
     assert len(recorder.deltas) == 5
-    assert not poller.status.up and poller.status.polled
-    assert poller.status.cursor == recorder.deltas[-1].cursor
+    assert not poller.view.up and poller.view.polled
+    assert poller.view.cursor == recorder.deltas[-1].cursor
     poller.store.close()
     # The next process goes on from the last committed step, not from the start.
     simulator.set_outage(False)
@@ -329,21 +349,15 @@ def test_any_windows_any_bounds_and_restarts_between_steps_count_exactly_once(
             assert poller.ledger.state.cursor >= last_cursor, "a restart never goes back"
             poller.ledger.windows = ScriptedWindows(lengths)
             commits: list[Any] = []
-            real_commit = poller.store.commit
 
-            def commit(
-                project: str,
-                delta: PollDelta,
-                limit: int | None = kill_after,
-                done: list[Any] = commits,
-                write: Any = real_commit,
+            def kill(
+                _: PollDelta, limit: int | None = kill_after, done: list[Any] = commits
             ) -> None:
                 if limit is not None and len(done) >= limit:
                     raise Killed  # the process dies here: nothing more is committed
-                write(project, delta)
-                done.append(delta.cursor)
 
-            poller.store.commit = commit  # type: ignore[method-assign]
+            hooks(poller).before.append(kill)
+            hooks(poller).after.append(lambda delta, done=commits: done.append(delta.cursor))
             try:
                 finished = poller.poll_once()
             except Killed:

@@ -7,7 +7,8 @@ import pickle
 import pytest
 
 from exporter.ledger import LabelKey, Totals
-from exporter.recent import BUCKETS, RecentCounts, RecentSummary
+from exporter.recent import BUCKETS, RecentCounts
+from exporter.views import RecentSummary
 
 # 2026-10-01T12:00:00Z: a minute boundary, 12 h into a UTC day.
 NOON = 1_790_856_000.0

@@ -1,4 +1,5 @@
-"""The HTTP endpoints (contract §5) and the exposition (contract §4), on a real loopback server."""
+"""The HTTP endpoints (docs/endpoints.md) and the exposition (docs/metrics.md), on a real loopback
+server."""
 
 from __future__ import annotations
 
@@ -15,15 +16,13 @@ import requests
 from exporter import __version__
 from exporter.catchup import Progress
 from exporter.config import ListenAddress
-from exporter.ledger import Totals
 from exporter.logs import redact
 from exporter.metrics import build_registry
-from exporter.poller import Counters, ProjectStatus, StartNote
-from exporter.recent import RecentSummary
 from exporter.server import ExporterServer, _landing
+from exporter.views import CounterState, ProjectView, RecentSummary, SettledTotals, StartNote
 from tests.helpers import parse_metrics, select
 
-STATUS = ProjectStatus(
+STATUS = ProjectView(
     name="production",
     polled=True,
     up=True,
@@ -32,23 +31,23 @@ STATUS = ProjectStatus(
     last_error=None,
     cursor=1_799_999_940.0,
     totals={
-        ("outbound-api", "sms", "delivered", ""): Totals(10, 12, 41_500_000),
-        ("outbound-api", "sms", "undelivered", "30007"): Totals(2, 2, 8_300_000),
+        ("outbound-api", "sms", "delivered", ""): SettledTotals(10, 12, 41_500_000),
+        ("outbound-api", "sms", "undelivered", "30007"): SettledTotals(2, 2, 8_300_000),
     },
     by_country={
-        ("outbound-api", "sms", "delivered", "CA"): Totals(10, 12, 41_500_000),
-        ("outbound-api", "sms", "undelivered", "unknown"): Totals(2, 2, 8_300_000),
+        ("outbound-api", "sms", "delivered", "CA"): SettledTotals(10, 12, 41_500_000),
+        ("outbound-api", "sms", "undelivered", "unknown"): SettledTotals(2, 2, 8_300_000),
     },
     by_group={
-        ("outbound-api", "sms", "delivered", "otp"): Totals(10, 12, 41_500_000),
-        ("outbound-api", "sms", "undelivered", "ungrouped"): Totals(2, 2, 8_300_000),
+        ("outbound-api", "sms", "delivered", "otp"): SettledTotals(10, 12, 41_500_000),
+        ("outbound-api", "sms", "undelivered", "ungrouped"): SettledTotals(2, 2, 8_300_000),
     },
     pending={("outbound-api", "sms", "sent"): 3},
     pending_oldest={("outbound-api", "sms", "sent"): 1_799_990_000.0},
     failure_ratios={("outbound-api", "sms"): 2 / 12},
     error_info={"30007": "Carrier <filtering>"},
 )
-DOWN = ProjectStatus(
+DOWN = ProjectView(
     name="staging",
     polled=True,
     up=False,
@@ -59,17 +58,14 @@ DOWN = ProjectStatus(
 
 class Fixture:
     def __init__(self, demo: bool = False) -> None:
-        self.statuses = [STATUS, DOWN]
+        self.views = [STATUS, DOWN]
         self.is_ready = False
-        self.counters = Counters()
-        self.counters.request("production", "200")
-        self.counters.request("production", "200")
-        self.counters.request("staging", "error")
-        registry = build_registry(lambda: self.statuses, self.counters)
+        counts = CounterState({("production", "200"): 2, ("staging", "error"): 1}, {}, {}, {})
+        registry = build_registry(lambda: self.views, lambda: counts)
         self.server = ExporterServer(
             ListenAddress("127.0.0.1", 0),
             registry,
-            lambda: self.statuses,
+            lambda: self.views,
             lambda: self.is_ready,
             demo=demo,
         )
@@ -84,7 +80,7 @@ def web() -> Iterator[Fixture]:
     fixture.server.stop()
 
 
-def test_metrics_exposes_the_contract_names_and_labels(web: Fixture) -> None:
+def test_metrics_exposes_the_documented_names_and_labels(web: Fixture) -> None:
     response = requests.get(f"{web.url}/metrics", timeout=5)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
@@ -182,7 +178,7 @@ def test_landing_page_shows_each_project_without_secrets_and_escaped(web: Fixtur
 
 
 NOW = 1_800_000_012.0
-BUSY = ProjectStatus(
+BUSY = ProjectView(
     name="production",
     polled=True,
     up=True,
@@ -199,7 +195,7 @@ BUSY = ProjectStatus(
         charge_nano_day=12_345_678_900,
     ),
 )
-NEW = ProjectStatus(name="new", recent=RecentSummary(since=NOW - 7200))
+NEW = ProjectView(name="new", recent=RecentSummary(since=NOW - 7200))
 HOSTILE = "<script>alert(1)</script>"
 
 
@@ -253,7 +249,7 @@ def test_landing_page_shows_each_figure_of_a_project_with_data() -> None:
 def test_landing_page_escapes_hostile_text_and_never_shows_a_token() -> None:
     token = "PTlanding-secret-token"
     redact(token)
-    hostile = ProjectStatus(
+    hostile = ProjectView(
         name="production",
         polled=True,
         last_error=f"SignalWire API: {HOSTILE} echoed {token}",
@@ -328,9 +324,8 @@ def test_scrapes_are_served_concurrently_while_one_client_stalls(web: Fixture) -
 
 
 def test_the_address_really_bound_is_told_apart_from_the_link() -> None:
-    server = ExporterServer(
-        ListenAddress("0.0.0.0", 0), build_registry(lambda: [], Counters()), list, lambda: True
-    )
+    registry = build_registry(lambda: [], CounterState.zero)
+    server = ExporterServer(ListenAddress("0.0.0.0", 0), registry, list, lambda: True)
     try:
         port = server.server_address[1]
         assert server.bound == f"0.0.0.0:{port}"  # every interface, as it is

@@ -756,65 +756,71 @@ class Batch:
             self.seen,
             self.seen_again,
         )
-        pending = self._pending
-        pending_keys = pending.keys
-        groups, texts, sightings = self._groups, self._error_texts, self._sightings
-        settled_pending = self._settled_pending
-        final, final_by_kind, floor = self._final, self._final_by_kind, self._floor
-        cursor, timeout, number_groups = self._cursor, self._timeout, self._number_groups
-        new_messages = ignored = 0
+        pending_keys = self._pending.keys
+        final, final_by_kind = self._final, self._final_by_kind
         for message in messages:
-            message_id, created_at, direction, kind, status, code, text, segments, charge, *_ = (
-                message
-            )
+            message_id = message[0]
             ref = key_of(message_id)
             if ref in settled or ref in committed:
                 continue
             full = seen.get(message_id)
             again = again_at.get(ref) if full is None else None  # never in both
             was_pending = ref in pending_keys
-            if full is not None:
-                if full.observed_at > at:
-                    continue  # an older observation arriving late never overrides a newer one
-            elif again is not None:
-                if again > at:
+            last = again if full is None else full.observed_at
+            if last is not None:
+                if last > at:
                     continue
-            elif not was_pending:
-                if created_at < floor:
-                    ignored += 1
-                    continue
-                new_messages += 1
-                sightings[created_at] = sightings.get(created_at, 0) + 1
-                if created_at < cursor:
-                    self.late += 1
-                    self.lateness = max(self.lateness, at - created_at)
-            if status in final or status in final_by_kind.get(kind, ()):
-                settled[ref] = created_at
-                key = (direction, kind, status, code)
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = _Settled()
-                pair = (country_of(message.remote), number_groups.get(message.own, UNGROUPED))
-                group.add(segments, charge, pair)
-                if code and text:
-                    texts[code] = text
-                if full is not None:
-                    del seen[message_id]
-                if again is not None:
-                    del again_at[ref]
-                if was_pending:
-                    settled_pending.append(ref)
-            elif was_pending and at < created_at + timeout and pending.same(message, ref):
-                again_at[ref] = at  # unchanged: nothing to write
-                if full is not None:
-                    del seen[message_id]
+            elif not was_pending and not self._first_sight(message, at):
+                continue
+            status = message[4]
+            if status in final or status in final_by_kind.get(message[3], ()):
+                self._settle(message, ref, was_pending)
             else:
-                seen[message_id] = _new_pending(Pending, (message, at))
-                if again is not None:
-                    del again_at[ref]
-        self.new_messages += new_messages
-        self.ignored += ignored
+                self._pend(message, ref, at, was_pending)
         self.listed += len(messages)
+
+    def _first_sight(self, message: Message, at: float) -> bool:
+        """A record neither pending nor settled: new, unless created before the floor."""
+        created_at = message.created_at
+        if created_at < self._floor:
+            self.ignored += 1
+            return False
+        self.new_messages += 1
+        self._sightings[created_at] = self._sightings.get(created_at, 0) + 1
+        if created_at < self._cursor:
+            self.late += 1
+            self.lateness = max(self.lateness, at - created_at)
+        return True
+
+    def _settle(self, message: Message, ref: Key, was_pending: bool) -> None:
+        """A record in a final status: its message settles with it (rules 2 and 3)."""
+        message_id, created_at, direction, kind, status, code, text, segments, charge, *_ = message
+        self.settled[ref] = created_at
+        key = (direction, kind, status, code)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Settled()
+        pair = (country_of(message.remote), self._number_groups.get(message.own, UNGROUPED))
+        group.add(segments, charge, pair)
+        if code and text:
+            self._error_texts[code] = text
+        self.seen.pop(message_id, None)
+        self.seen_again.pop(ref, None)
+        if was_pending:
+            self._settled_pending.append(ref)
+
+    def _pend(self, message: Message, ref: Key, at: float, was_pending: bool) -> None:
+        """A record in a status that is not final: the message's latest observation."""
+        if (
+            was_pending
+            and at < message.created_at + self._timeout
+            and self._pending.same(message, ref)
+        ):
+            self.seen_again[ref] = at  # unchanged: nothing to write
+            self.seen.pop(message[0], None)
+        else:
+            self.seen[message[0]] = _new_pending(Pending, (message, at))
+            self.seen_again.pop(ref, None)
 
     def gone(self, message_id: str, at: float) -> None:
         """A pending message that SignalWire no longer knows (404 on get-by-id)."""
@@ -834,25 +840,9 @@ class Batch:
 
         The batch itself is left as it was: closing twice gives the same delta.
         """
-        state, rules = self.ledger.state, self.ledger.rules
-        timeout = rules.settle.timeout
-        # The cursor moves only with a listing from the cursor on (a sweep or a catch-up step).
-        cursor = listing_started - CURSOR_SAFETY if self.plan.sweeps else state.cursor
-        if self.plan.window_end is not None:
-            # Everything created before the window's end has been listed (created_before is
-            # inclusive or exclusive: one second less either way).
-            cursor = min(cursor, self.plan.window_end - LISTING_SLACK)
-        cursor = max(state.cursor, cursor)
-        complete = state.complete_until
-        if self.plan.listings[0][0] <= self._floor:
-            # A listing from the floor, started at listing_started, has seen every record that
-            # had appeared by then: all those created max_ingestion_delay before, at the latest.
-            complete = listing_started - rules.max_ingestion_delay
-            if self.plan.window_end is not None:
-                complete = min(complete, self.plan.window_end - LISTING_SLACK)
-            # Nothing before the floor can be new: it predates the start point, or SignalWire's
-            # history limit has taken it out of reach.
-            complete = max(state.complete_until, complete, self._floor)
+        rules = self.ledger.rules
+        cursor = self._new_cursor(listing_started)
+        complete = self._new_complete_until(listing_started)
         delta = PollDelta(
             cursor=cursor,
             complete_until=complete,
@@ -867,12 +857,53 @@ class Batch:
             sightings=dict(self._sightings),
         )
         groups = dict(self._groups)
-        copied: set[LabelKey] = set()
         texts = dict(self._error_texts)
-        number_groups = rules.number_groups
+        self._settle_the_rest(now, delta, groups, texts)
+        self._count(now, delta, groups, texts)
+        # The settled ids are kept down to the next floor: below it no record is new.
+        delta.prune_settled_before = min(complete, cursor) - LISTING_SLACK - 1.0
+        delta.prune_window_before = int(now - rules.failure_ratio_window) - 1
+        return delta
+
+    def _new_cursor(self, listing_started: float) -> float:
+        state = self.ledger.state
+        # The cursor moves only with a listing from the cursor on (a sweep or a catch-up step).
+        cursor = listing_started - CURSOR_SAFETY if self.plan.sweeps else state.cursor
+        if self.plan.window_end is not None:
+            # Everything created before the window's end has been listed (created_before is
+            # inclusive or exclusive: one second less either way).
+            cursor = min(cursor, self.plan.window_end - LISTING_SLACK)
+        return max(state.cursor, cursor)
+
+    def _new_complete_until(self, listing_started: float) -> float:
+        state = self.ledger.state
+        if self.plan.listings[0][0] > self._floor:
+            return state.complete_until
+        # A listing from the floor, started at listing_started, has seen every record that had
+        # appeared by then: all those created max_ingestion_delay before, at the latest.
+        complete = listing_started - self.ledger.rules.max_ingestion_delay
+        if self.plan.window_end is not None:
+            complete = min(complete, self.plan.window_end - LISTING_SLACK)
+        # Nothing before the floor can be new: it predates the start point, or SignalWire's
+        # history limit has taken it out of reach.
+        return max(state.complete_until, complete, self._floor)
+
+    def _settle_the_rest(
+        self,
+        now: float,
+        delta: PollDelta,
+        groups: dict[LabelKey, _Settled],
+        texts: dict[str, str],
+    ) -> None:
+        """Messages settled by their timeout (rule 2, and 404s past it), after the first-sight
+        settlements; the other observations become pending changes. `groups` is a copy of the
+        batch's: the sums it changes are copied first."""
+        state = self.ledger.state
+        timeout = self.ledger.rules.settle.timeout
+        number_groups = self.ledger.rules.number_groups
+        copied: set[LabelKey] = set()
 
         def settle_late(message: Message) -> None:
-            # After the first-sight settlements, in the order the per-message rules use.
             ref = key_of(message.id)
             delta.settled_ids[ref] = message.created_at
             if ref in state.pending.keys:
@@ -904,6 +935,16 @@ class Batch:
             last = state.pending.record(message_id)
             if last is not None and last.created_at + timeout <= now:
                 settle_late(last)
+
+    def _count(
+        self,
+        now: float,
+        delta: PollDelta,
+        groups: dict[LabelKey, _Settled],
+        texts: dict[str, str],
+    ) -> None:
+        """The settled sums as counter increments, under the caps on label values."""
+        state, rules = self.ledger.state, self.ledger.rules
         codes = state.error_codes()
         countries = state.countries()
         labels = state.label_values()
@@ -917,10 +958,7 @@ class Batch:
                 else:
                     code = OTHER_ERROR_CODE
             direction, kind, label_status = labels.map(direction, kind, status)
-            key = (direction, kind, label_status, code)
-            inc = delta.totals.get(key)
-            if inc is None:
-                inc = delta.totals[key] = Totals()
+            inc = delta.totals.setdefault((direction, kind, label_status, code), Totals())
             count = group.messages
             inc.messages += count
             inc.segments += group.segments
@@ -933,10 +971,6 @@ class Batch:
         for code, text in texts.items():
             if code in codes and code != OTHER_ERROR_CODE:
                 delta.error_info[code] = text
-        # The settled ids are kept down to the next floor: below it no record is new.
-        delta.prune_settled_before = min(complete, cursor) - LISTING_SLACK - 1.0
-        delta.prune_window_before = int(now - rules.failure_ratio_window) - 1
-        return delta
 
     def _dimensions(
         self,

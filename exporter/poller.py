@@ -107,14 +107,6 @@ class Counters:
                 dict(self.late_records),
             )
 
-    def __call__(self) -> CounterState:
-        """The counts, as a source for exporter.metrics.build_registry in this process."""
-        return self.state()
-
-
-# The view's former name, for the callers that still use it (the benchmarks).
-ProjectStatus = ProjectView
-
 
 # How a poller gets its project's client: (project, config, on_request, stop) -> Client.
 ClientFactory = Callable[[ProjectConfig, Config, Callable[[str], None], threading.Event], Client]

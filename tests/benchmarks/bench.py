@@ -43,7 +43,7 @@ from exporter.ledger import Batch, LabelKey, Ledger, Rules, Totals
 from exporter.logs import configure
 from exporter.metrics import build_registry
 from exporter.pending import id_of
-from exporter.poller import Counters, ProjectPoller, ProjectStatus, copy_totals
+from exporter.poller import Counters, ProjectPoller, copy_totals
 from exporter.records import InvalidRecord, parse_records
 from exporter.simulator import (
     OWN_NUMBERS,
@@ -53,6 +53,8 @@ from exporter.simulator import (
     remote_number,
 )
 from exporter.store import Store
+from exporter.views import CounterState, ProjectView
+from tests.benchmarks.pending import pending_set
 from tests.benchmarks.profile import DayProfile, populate
 from tests.helpers import exported_totals, parse_metrics, pending_total, process_family
 
@@ -69,6 +71,8 @@ SCRAPE_BACKLOG = 200_000
 SHORT_POLL, SHORT_RATE = 2.0, 100.0
 SHORT_TRAFFIC, SHORT_WINDOW = 9600.0, (7800.0, 9600.0)
 BACKLOGS = (100_000, 300_000, 1_000_000)
+# Pending sets held through a carrier's receipt delay, then their receipts all at once.
+PENDING_SETS = (10_000, 100_000, 300_000)
 
 TARGETS = {
     "requests_per_1000_messages": ("<=", 12.0),
@@ -84,6 +88,9 @@ TARGETS = {
     "scrape_p99_ratio_polling_to_idle": ("<=", 2.0),
     "startup_to_ready_s": ("<=", 2.0),
     "commit_per_poll_at_peak_max_ms": ("<=", 50.0),
+    "pending_largest_peak_rss_mb": ("<=", 150.0),
+    "pending_largest_bytes_per_message": ("<=", 150.0),
+    "pending_largest_burst_settle_polls": ("<=", 8.0),
 }
 
 
@@ -541,7 +548,7 @@ def ingest_ratio(records: int, workdir: Path, insight: bool = True) -> tuple[flo
         delta = batch.close(now, now)
         store.commit("ingest", delta)
         ledger.apply(delta)
-        ProjectStatus(
+        ProjectView(
             "ingest",
             totals=copy_totals(ledger.state.totals),
             by_country=copy_totals(ledger.state.by_country),
@@ -564,7 +571,7 @@ def invalid(error: InvalidRecord) -> None:
 def render_ms(day: DayResult, projects: int) -> float:
     """Median time to render /metrics for `projects` projects with the day's label sets."""
     statuses = [
-        ProjectStatus(
+        ProjectView(
             f"project-{i}",
             polled=True,
             up=True,
@@ -582,7 +589,7 @@ def render_ms(day: DayResult, projects: int) -> float:
     ]
     from prometheus_client import generate_latest
 
-    registry = build_registry(lambda: statuses, Counters())
+    registry = build_registry(lambda: statuses, CounterState.zero)
     times = []
     for _ in range(50):
         began = time.perf_counter()
@@ -615,6 +622,7 @@ def figures(
     short_traffic: float = SHORT_TRAFFIC,
     short_window: tuple[float, float] = SHORT_WINDOW,
     backlogs: tuple[int, ...] = BACKLOGS,
+    pending_sizes: tuple[int, ...] = PENDING_SETS,
 ) -> dict[str, Any]:
     progress(f"short polls: {SHORT_RATE:g} messages a second every {SHORT_POLL:g} s")
     short = short_polls(workdir / "short", short_traffic, short_window)
@@ -643,7 +651,16 @@ def figures(
     idle = percentile(scrapes.idle_ms, 0.99)
     busy = percentile(scrapes.polling_ms, 0.99)
     largest = catch_ups[-1]
+    pendings = []
+    for size in pending_sizes:
+        progress(f"pending set: {size:,} messages waiting for their receipts, then all at once")
+        pendings.append(pending_set(workdir, size))
     return {
+        "pending": [p.row() for p in pendings],
+        "pending_largest_peak_rss_mb": pendings[-1].peak_rss_mb,
+        "pending_largest_bytes_per_message": pendings[-1].bytes_per_pending,
+        "pending_largest_bytes_per_settled_id": pendings[-1].bytes_per_settled_id,
+        "pending_largest_burst_settle_polls": pendings[-1].burst_settle_polls,
         "requests_per_1000_messages_2s_polls": 1000
         * short.window_requests
         / max(1, short.window_messages),
@@ -772,6 +789,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(map(str, BACKLOGS)),
         help="catch-up sizes, comma-separated (the last one's peak RSS is checked)",
     )
+    parser.add_argument(
+        "--pending",
+        default=",".join(map(str, PENDING_SETS)),
+        help="pending-set sizes, comma-separated (the last one's figures are checked)",
+    )
     parser.add_argument("--output", default="bench-results.json")
     args = parser.parse_args(argv)
     configure("warning")
@@ -784,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ingest,
             args.scrape_backlog,
             backlogs=tuple(int(b) for b in args.backlogs.split(",") if b),
+            pending_sizes=tuple(int(p) for p in args.pending.split(",") if p),
         )
         print(table(results), flush=True)
         for row in results["catch_up"]:
@@ -791,6 +814,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"catch-up of {row['messages']:,}: {row['seconds']:.1f} s, "
                 f"{row['messages_per_second']:,.0f} messages/s, peak RSS {row['peak_rss_mb']:.1f}"
                 f" MB, ready after {row['ready_s']:.1f} s, {row['counted']:,} counted"
+            )
+        for row in results["pending"]:
+            print(
+                f"pending set of {row['messages']:,}: {row['bytes_per_pending']:.0f} bytes a "
+                f"pending message, {row['bytes_per_settled_id']:.0f} a settled id, peak RSS "
+                f"{row['peak_rss_mb']:.1f} MB; a burst of receipts settled in "
+                f"{row['burst_settle_s']:.1f} s ({row['burst_settle_polls']:.1f} polls)"
             )
         sizes = [int(s) for s in args.scaling.split(",") if s]
         growth = scaling(workdir, sizes, results) if sizes else []

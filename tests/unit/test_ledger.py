@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -495,6 +496,42 @@ def test_new_label_values_pass_through_up_to_a_cap() -> None:
     }
 
 
+Due = tuple[str, PendingEntry]
+
+
+@dataclasses.dataclass
+class ReferenceTiers:
+    recent: list[Due] = dataclasses.field(default_factory=list)
+    timed_out: list[Due] = dataclasses.field(default_factory=list)
+    middle: list[tuple[float, Due]] = dataclasses.field(default_factory=list)
+    recent_due: bool = False
+    timeout_due: bool = False
+
+
+def reference_tiers(ledger: Ledger, now: float, head: float) -> ReferenceTiers:
+    """The pending messages due for a refresh, by tier, message by message."""
+    interval, timeout = ledger.rules.poll_interval, ledger.rules.settle.timeout
+    cadence = ledger.schedule()
+    tiers = ReferenceTiers()
+    for message_id, pending in ledger.state.pending.items():
+        created = pending.created_at
+        unseen = now - pending.observed_at
+        if created + timeout <= now:
+            tiers.timed_out.append((message_id, pending))
+            tiers.timeout_due |= created + timeout + (cadence.timeout_every - 1) * interval <= now
+        elif created >= head:
+            continue
+        elif created >= now - cadence.recent_age:
+            if unseen >= interval * 0.5:
+                tiers.recent.append((message_id, pending))
+            tiers.recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
+        else:
+            wait = max((now - created) / MIDDLE_AGE_DIVISOR, cadence.recent_every * interval)
+            if unseen >= wait or ledger._receipt_burst:
+                tiers.middle.append((unseen / wait, (message_id, pending)))
+    return tiers
+
+
 def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     """The refresh tiers message by message, in the most direct form: the plan must agree."""
     state, rules = ledger.state, ledger.rules
@@ -503,26 +540,9 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     horizon = state.cursor - LISTING_SLACK
     head = ledger.head_start(now, cadence)
     burst = ledger._receipt_burst
-    recent: list[tuple[str, PendingEntry]] = []
-    timed_out: list[tuple[str, PendingEntry]] = []
-    middle: list[tuple[float, tuple[str, PendingEntry]]] = []
-    recent_due = timeout_due = False
-    for message_id, pending in state.pending.items():
-        created = pending.created_at
-        unseen = now - pending.observed_at
-        if created + timeout <= now:
-            timed_out.append((message_id, pending))
-            timeout_due |= created + timeout + (cadence.timeout_every - 1) * interval <= now
-        elif created >= head:
-            continue
-        elif created >= now - cadence.recent_age:
-            if unseen >= interval * 0.5:
-                recent.append((message_id, pending))
-            recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
-        else:
-            wait = max((now - created) / MIDDLE_AGE_DIVISOR, cadence.recent_every * interval)
-            if unseen >= wait or burst:
-                middle.append((unseen / wait, (message_id, pending)))
+    tiers = reference_tiers(ledger, now, head)
+    recent, timed_out, middle = tiers.recent, tiers.timed_out, tiers.middle
+    recent_due, timeout_due = tiers.recent_due, tiers.timeout_due
     head_after = head
     ranges: list[tuple[float, float | None]] = []
     gets: list[str] = []

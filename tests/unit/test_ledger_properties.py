@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import SettleConfig
-from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, Rules, Totals
+from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, PollDelta, Rules, Totals
 from exporter.records import InvalidRecord, parse_message, parse_records
 from exporter.simulator import SimMessage, Simulator, TrafficProfile, random_message_args
 from tests.helpers import own_of, remote_of, true_country
@@ -62,6 +62,31 @@ operations = st.lists(
     ),
     max_size=40,
 )
+
+
+def assert_views_agree(ledger: Ledger, delta: PollDelta, now: float) -> None:
+    """After a poll: the ledger's incrementally kept views agree with the state they summarise."""
+    # The incrementally kept views agree with the state they summarise.
+    recount: dict[tuple[str, str, str], int] = {}
+    for _, p in ledger.state.pending.items():
+        key = (p.direction, p.kind, p.status)
+        recount[key] = recount.get(key, 0) + 1
+    assert ledger.pending_by_labels() == recount
+    oldest: dict[tuple[str, str, str], float] = {}
+    for _, p in ledger.state.pending.items():
+        key = (p.direction, p.kind, p.status)
+        oldest[key] = min(oldest.get(key, math.inf), p.created_at)
+    assert ledger.pending_oldest() == oldest
+    # Summed over country, or over number group: the message counters, after every poll.
+    assert summed(ledger.state.by_country) == summed(ledger.state.totals)
+    assert summed(ledger.state.by_group) == summed(ledger.state.totals)
+    # The plan, from the ledger's index of pending messages, agrees with the tiers in full.
+    plan, expected = ledger.plan(now), reference_plan(ledger, now)
+    assert plan.listings == expected.listings and plan.timeout_due == expected.timeout_due
+    assert sorted(plan.get_ids) == sorted(expected.get_ids)
+    # Settled ids are pruned a minute of creation at a time: none kept of a minute that ended
+    # before the prune point (items() gives the end of each id's minute).
+    assert all(end > delta.prune_settled_before for _, end in ledger.state.settled.items())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -127,27 +152,7 @@ def test_totals_equal_ground_truth_for_any_interleaving(
             return
         ledger.apply(delta)
         settled_ids.extend(delta.settled_ids)
-        # The incrementally kept views agree with the state they summarise.
-        recount: dict[tuple[str, str, str], int] = {}
-        for _, p in ledger.state.pending.items():
-            key = (p.direction, p.kind, p.status)
-            recount[key] = recount.get(key, 0) + 1
-        assert ledger.pending_by_labels() == recount
-        oldest: dict[tuple[str, str, str], float] = {}
-        for _, p in ledger.state.pending.items():
-            key = (p.direction, p.kind, p.status)
-            oldest[key] = min(oldest.get(key, math.inf), p.created_at)
-        assert ledger.pending_oldest() == oldest
-        # Summed over country, or over number group: the message counters, after every poll.
-        assert summed(ledger.state.by_country) == summed(ledger.state.totals)
-        assert summed(ledger.state.by_group) == summed(ledger.state.totals)
-        # The plan, from the ledger's index of pending messages, agrees with the tiers in full.
-        plan, expected = ledger.plan(now[0]), reference_plan(ledger, now[0])
-        assert plan.listings == expected.listings and plan.timeout_due == expected.timeout_due
-        assert sorted(plan.get_ids) == sorted(expected.get_ids)
-        # Settled ids are pruned a minute of creation at a time: none kept of a minute that ended
-        # before the prune point (items() gives the end of each id's minute).
-        assert all(end > delta.prune_settled_before for _, end in ledger.state.settled.items())
+        assert_views_agree(ledger, delta, now[0])
         committed = copy.deepcopy(ledger.state)
 
     for op in ops:

@@ -39,15 +39,16 @@ TARGET = 90.0
 # mutmut's exit-code verdicts that count as a mutant caught by the tests.
 CAUGHT = {"killed", "timeout", "caught by type check"}
 
+# The working copy holds only the module's own tests, so the selection is their directory: it stays
+# the same when a test file is added (mutmut would otherwise forget every verdict).
 SETUP_CFG = """\
 [mutmut]
 source_paths = exporter
 only_mutate = exporter/{module}.py
-pytest_add_cli_args_test_selection =
-{tests}
+pytest_add_cli_args_test_selection = tests/unit
 pytest_add_cli_args =
     -p no:cacheprovider
-    -p no:randomly
+    --hypothesis-seed=0
 """
 
 
@@ -100,7 +101,7 @@ def lay_out(module: str, fresh: bool) -> tuple[Path, list[str]]:
         for path in directory.rglob("*.py"):
             if path not in keep:
                 path.unlink()
-    settings = SETUP_CFG.format(module=module, tests="\n".join(f"    {t}" for t in tests))
+    settings = SETUP_CFG.format(module=module)
     cfg = work / "setup.cfg"
     if not cfg.exists() or cfg.read_text() != settings:
         cfg.write_text(settings)
@@ -184,18 +185,24 @@ def run_module(module: str, fresh: bool, quiet: bool) -> Score:
     work, tests = lay_out(module, fresh)
     print(f"== {module}: exporter/{module}.py against {' '.join(tests)}", flush=True)
     started = time.monotonic()
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    mutmut = Path(sys.executable).parent / "mutmut"
+    # mutmut keeps a verdict until the mutated function changes: the survivors of an earlier run
+    # are tried again, as tests may have been added since.
+    results = work / "mutants" / "exporter" / f"{module}.py.meta"
+    again = [name for name, _, _ in summarize(module, work).survivors] if results.exists() else []
+    mutmut = [str(Path(sys.executable).parent / "mutmut"), "run", "--max-children", "1"]
     output = subprocess.DEVNULL if quiet else None
-    done = subprocess.run(
-        [str(mutmut), "run", "--max-children", "1"],
-        cwd=work,
-        env=env,
-        stdout=output,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); see above")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+
+    def run(names: list[str]) -> None:
+        done = subprocess.run([*mutmut, *names], cwd=work, env=env, stdout=output, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); see above")
+
+    run([])  # the mutants not tried yet (new, or of changed functions)
+    left = {name for name, _, _ in summarize(module, work).survivors}
+    again = sorted(left.intersection(again))  # gone: mutants of a function that changed
+    if again:
+        run(again)
     score = summarize(module, work)
     score.seconds = time.monotonic() - started
     return score

@@ -133,6 +133,25 @@ def describe(diff: str) -> tuple[str, str]:
     return " / ".join(removed), " / ".join(added)
 
 
+def toml_entry(module: str, function: str, original: str, mutated: str) -> str:
+    """An entry of the equivalent list, its reason left to fill in."""
+
+    def quoted(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)  # a TOML basic string too
+
+    return "\n".join(
+        [
+            "",
+            "[[equivalent]]",
+            f"module = {quoted(module)}",
+            f"function = {quoted(function)}",
+            f"original = {quoted(original)}",
+            f"mutated = {quoted(mutated)}",
+            'reason = ""',
+        ]
+    )
+
+
 def function_of(module: str, mutant: str) -> str:
     """`exporter.ledger.xǁBatchǁclose__mutmut_3` -> `Batch.close`; `x_parse__mutmut_1` -> `parse`"""
     name = mutant.removeprefix(f"exporter.{module}.").rsplit("__mutmut_", 1)[0]
@@ -219,7 +238,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", default=list(MODULES), help="modules of exporter/")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument(
+        "--report", action="store_true", help="only print the results of the last run"
+    )
     parser.add_argument("--quiet", action="store_true", help="hide mutmut's progress")
+    parser.add_argument(
+        "--toml",
+        action="store_true",
+        help=f"print the survivors as entries for {EQUIVALENT_FILE.relative_to(ROOT)}",
+    )
     parser.add_argument(
         "--check", action="store_true", help=f"exit 1 if a module scores under {TARGET:.0f} %%"
     )
@@ -228,7 +255,13 @@ def main() -> int:
     if unknown:
         parser.error(f"no such module: {', '.join(unknown)}")
 
-    scores = [run_module(m, args.fresh, args.quiet) for m in args.modules]
+    if args.report:
+        missing = [m for m in args.modules if not (WORK / m / "mutants").exists()]
+        if missing:
+            parser.error(f"not run yet: {', '.join(missing)}")
+        scores = [summarize(m, WORK / m) for m in args.modules]
+    else:
+        scores = [run_module(m, args.fresh, args.quiet) for m in args.modules]
 
     for score in scores:
         if score.survivors:
@@ -236,6 +269,13 @@ def main() -> int:
             for name, status, diff in score.survivors:
                 print(f"\n# {name}: {status} ({function_of(score.module, name)})")
                 print("\n".join(diff.splitlines()[2:]))
+
+    if args.toml:
+        print(f"\n# entries for {EQUIVALENT_FILE.relative_to(ROOT)}: keep the equivalent ones")
+        for score in scores:
+            for name, _, diff in score.survivors:
+                original, mutated = describe(diff)
+                print(toml_entry(score.module, function_of(score.module, name), original, mutated))
 
     for module, function, original, mutated in stale_entries(scores):
         print(f"\nstale entry in {EQUIVALENT_FILE.relative_to(ROOT)} (no such survivor):")

@@ -49,7 +49,12 @@ pytest_add_cli_args_test_selection = tests/unit
 pytest_add_cli_args =
     -p no:cacheprovider
     --hypothesis-seed=0
+    --timeout={timeout}
 """
+# A test running longer than this fails (the mutant is killed): some mutants make a thread wait
+# for ever. Ten times the slowest test of the module, at least.
+TIMEOUT_SECONDS = {"ledger": 90}
+DEFAULT_TIMEOUT_SECONDS = 10
 
 
 @dataclass
@@ -101,7 +106,8 @@ def lay_out(module: str, fresh: bool) -> tuple[Path, list[str]]:
         for path in directory.rglob("*.py"):
             if path not in keep:
                 path.unlink()
-    settings = SETUP_CFG.format(module=module)
+    timeout = TIMEOUT_SECONDS.get(module, DEFAULT_TIMEOUT_SECONDS)
+    settings = SETUP_CFG.format(module=module, timeout=timeout)
     cfg = work / "setup.cfg"
     if not cfg.exists() or cfg.read_text() != settings:
         cfg.write_text(settings)

@@ -4,9 +4,11 @@ error codes and new label values."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-from exporter.config import SettleConfig
+from exporter.config import Config, SettleConfig
 from exporter.ledger import (
     MAX_NEW_LABEL_VALUES,
     OTHER_ERROR_CODE,
@@ -15,6 +17,7 @@ from exporter.ledger import (
     LedgerState,
     PollDelta,
     Rules,
+    new_state,
 )
 from exporter.records import Message
 
@@ -272,4 +275,79 @@ def test_pending_messages_show_new_values_under_the_same_cap() -> None:
     assert ledger.pending_by_labels() == {
         ("outbound-api", "sms", OTHER_LABEL_VALUE): 1,
         ("outbound-api", "sms", "sent"): 1,
+    }
+
+
+# ----------------------------------------------------------------- rules and restarts
+
+
+def test_the_rules_are_those_the_configuration_sets() -> None:
+    settle = SettleConfig(timeout=50.0, final_statuses=frozenset({"delivered"}))
+    config = Config(
+        projects=(),
+        poll_interval=7.0,
+        failure_ratio_window=120.0,
+        max_ingestion_delay=900.0,
+        settle=settle,
+        max_error_codes=4,
+        max_countries=5,
+        number_groups={"otp": ("+15551230000",), "support": ("+15551230001", "+15551230002")},
+        page_size=25,
+    )
+    assert Rules.of(config) == Rules(
+        settle=settle,
+        poll_interval=7.0,
+        failure_ratio_window=120.0,
+        max_error_codes=4,
+        page_size=25,
+        max_countries=5,
+        number_groups={
+            "+15551230000": "otp",
+            "+15551230001": "support",
+            "+15551230002": "support",
+        },
+        max_ingestion_delay=900.0,
+    )
+
+
+def test_a_new_project_starts_start_from_before_now() -> None:
+    state = new_state(T0, 3600.0)
+    assert (state.start_point, state.cursor, state.complete_until) == (T0 - 3600,) * 3
+    assert not state.pending and not state.settled and not state.totals
+
+
+def test_a_restarted_ledger_goes_on_from_the_committed_state() -> None:
+    """What a ledger holds is rebuilt from the state the store loads: the pending messages (by
+    label set, oldest first) and the settled ids, which are never counted again."""
+    first = new_ledger()
+    poll(
+        first,
+        T0 + 10,
+        msg("a", "sent", created=T0 + 2),
+        msg("b", "sent", created=T0 + 5),
+        msg("c", "queued", created=T0 + 3, kind="mms"),
+        msg("d", "delivered", created=T0 + 4),
+    )
+    restarted = Ledger(first.rules, copy.deepcopy(first.state))
+    expected_pending = {("outbound-api", "sms", "sent"): 2, ("outbound-api", "mms", "queued"): 1}
+    assert restarted.pending_by_labels() == first.pending_by_labels() == expected_pending
+    assert restarted.pending_oldest() == {
+        ("outbound-api", "sms", "sent"): T0 + 2,
+        ("outbound-api", "mms", "queued"): T0 + 3,
+    }
+    delta = poll(
+        restarted,
+        T0 + 20,
+        msg("d", "delivered", created=T0 + 4),  # settled before the restart
+        msg("a", "delivered", created=T0 + 2),
+    )
+    assert delta.settled_ids == {"a": T0 + 2}
+    assert counts(restarted.state.totals) == {("outbound-api", "sms", "delivered", ""): 2}
+    assert restarted.pending_by_labels() == {
+        ("outbound-api", "sms", "sent"): 1,
+        ("outbound-api", "mms", "queued"): 1,
+    }
+    assert restarted.pending_oldest() == {
+        ("outbound-api", "sms", "sent"): T0 + 5,
+        ("outbound-api", "mms", "queued"): T0 + 3,
     }

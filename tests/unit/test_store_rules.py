@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from structlog.testing import capture_logs
 from exporter.ledger import LedgerState, Pending, PollDelta, Totals
 from exporter.records import Message
 from exporter.store import (
+    APPLICATION_ID,
     CommitError,
     StateError,
     Store,
@@ -313,3 +316,323 @@ def test_a_failing_checkpoint_in_a_commit_is_logged_once_and_the_commit_stands(
     state = load(path)
     assert state.cursor == NOW + 3
     assert state.totals == {KEY: Totals(3)}
+
+
+# ----------------------------------------------------------------- what a refusal says
+
+AFTERWARDS = (
+    ". Restore it from a backup, or move it away to start counting afresh (counters then start "
+    "again from the current time)"
+)
+
+
+def test_a_garbage_file_is_refused_with_the_whole_advice(tmp_path: Path) -> None:
+    file = tmp_path / "state.db"
+    file.write_bytes(b"this is not a database, just some text\n" * 200)
+    with pytest.raises(StateError) as info:
+        Store(str(file))
+    assert str(info.value) == (
+        f"state file {file}: cannot be read (file is not a database)" + AFTERWARDS
+    )
+
+
+def test_a_database_of_another_program_is_refused_with_the_whole_advice(tmp_path: Path) -> None:
+    file = tmp_path / "state.db"
+    conn = sqlite3.connect(file)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError) as info:
+        Store(str(file))
+    assert str(info.value) == (
+        f"state file {file}: is a SQLite database of another program" + AFTERWARDS
+    )
+
+
+def test_a_file_that_cannot_be_opened_is_refused(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*_: object, **__: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite3, "connect", refused)
+    with pytest.raises(StateError) as info:
+        Store(path)
+    assert str(info.value) == (
+        f"state file {path}: cannot be opened (unable to open database file)" + AFTERWARDS
+    )
+    monkeypatch.undo()
+    Store(path).close()  # the refusal released the lock
+
+
+@pytest.mark.parametrize("value", ["99", "two"])
+def test_a_schema_version_this_version_does_not_know_is_refused(path: str, value: str) -> None:
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (value,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError) as info:
+        Store(path)
+    assert str(info.value) == (
+        f"state file {path}: schema version {value} is not supported by this version "
+        "(expects 2); run the newer version that wrote it, or restore a backup made by this "
+        "version"
+    )
+
+
+def test_a_file_of_ours_without_a_schema_version_is_taken_as_current(path: str) -> None:
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DELETE FROM meta")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    try:
+        store.load("production", NOW, 0.0)
+        store.commit("production", PollDelta(cursor=NOW + 1, totals={KEY: Totals(1)}))
+    finally:
+        store.close()
+    assert load(path).totals == {KEY: Totals(1)}
+
+
+def test_a_file_in_use_by_another_process_is_refused_with_what_to_do(path: str) -> None:
+    first = Store(path)
+    try:
+        with pytest.raises(StateError) as info:
+            Store(path, lock_wait=0.0)
+    finally:
+        first.close()
+    assert str(info.value) == (
+        f"state file {path}: in use by another signalwire-exporter process; give each instance "
+        "its own state_path"
+    )
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_lock_file_that_cannot_be_opened_is_refused(path: str, exists: bool) -> None:
+    if exists:
+        Store(path).close()
+    Path(f"{path}.lock").unlink(missing_ok=True)
+    Path(f"{path}.lock").mkdir()  # opening it for writing fails, even as root
+    with pytest.raises(StateError) as info:
+        Store(path)
+    doing = "cannot open for writing" if exists else "cannot create"
+    assert str(info.value) == (
+        f"state file {path}: {doing}: Is a directory; make the file and its directory "
+        "writable by this user, or set state_path elsewhere"
+    )
+
+
+def test_the_lock_file_is_readable_by_its_owner_only(path: str) -> None:
+    old = os.umask(0)
+    try:
+        Store(path).close()
+    finally:
+        os.umask(old)
+    assert Path(f"{path}.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_start_point_that_cannot_be_recorded_is_refused(path: str) -> None:
+    store = Store(path)
+    try:
+        store._conn.execute("PRAGMA query_only=ON")
+        with pytest.raises(StateError) as info:
+            store.load("production", NOW, 0.0)
+    finally:
+        store.close()
+    assert str(info.value) == (
+        f"state file {path}: cannot record the start point of project production (attempt to "
+        "write a readonly database); make the file and its directory writable, or free disk "
+        "space"
+    )
+
+
+def test_a_state_that_cannot_be_read_is_refused_with_what_to_do(path: str) -> None:
+    store = Store(path)
+    try:
+        store.load("production", NOW, 0.0)
+        store._conn.execute("DROP TABLE totals")
+        with pytest.raises(StateError) as info:
+            store.load("production", NOW, 0.0)
+    finally:
+        store.close()
+    assert str(info.value) == (
+        f"state file {path}: cannot be read (no such table: totals)" + AFTERWARDS
+    )
+
+
+# ----------------------------------------------------------------- migration, threads, closing
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE project (name TEXT PRIMARY KEY, start_point REAL NOT NULL, cursor REAL NOT NULL);
+CREATE TABLE pending (
+    project TEXT NOT NULL, id TEXT NOT NULL, created_at REAL NOT NULL,
+    direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    error_code TEXT NOT NULL, error_message TEXT, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL, observed_at REAL NOT NULL,
+    PRIMARY KEY (project, id)) WITHOUT ROWID;
+CREATE TABLE totals (
+    project TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+    error_code TEXT NOT NULL, messages INTEGER NOT NULL, segments INTEGER NOT NULL,
+    charge_nano INTEGER NOT NULL,
+    PRIMARY KEY (project, direction, kind, status, error_code)) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO project VALUES ('production', 1789990000.0, 1789999000.0);
+INSERT INTO totals VALUES ('production', 'outbound-api', 'sms', 'delivered', '', 9, 9, 0);
+"""
+
+
+def test_a_migration_is_logged_with_the_file_and_what_changed(path: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_1)
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.commit()
+    conn.close()
+    with capture_logs() as logs:
+        Store(path).close()
+    assert logs == [
+        {
+            "event": "state file migrated",
+            "log_level": "info",
+            "state_path": path,
+            "schema_version": "1 -> 2",
+            "detail": "counters by country and number group added; what was counted before "
+            "shows under country unknown and number_group ungrouped",
+        }
+    ]
+    assert load(path).totals == {KEY: Totals(9, 9, 0)}
+
+
+def test_the_store_can_be_used_from_another_thread(path: str) -> None:
+    store = Store(path)
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            store.load("production", NOW, 0.0)
+            store.commit("production", PollDelta(cursor=NOW + 1, totals={KEY: Totals(1)}))
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=poll)
+    worker.start()
+    worker.join()
+    store.close()
+    assert errors == []
+    assert load(path).totals == {KEY: Totals(1)}
+
+
+def test_the_checkpoint_thread_is_named_and_never_keeps_the_process_alive(path: str) -> None:
+    store = Store(path)
+    try:
+        threads = [t for t in threading.enumerate() if t.name == "state-checkpoint"]
+        assert len(threads) == 1 and threads[0].daemon
+    finally:
+        store.close()
+    assert not [t for t in threading.enumerate() if t.name == "state-checkpoint"]
+
+
+def test_closing_a_store_that_never_checkpointed_logs_nothing(path: str) -> None:
+    with capture_logs() as logs:
+        store = Store(path)
+        store.load("production", NOW, 0.0)
+        store.close()
+    assert logs == []
+
+
+def test_close_empties_the_wal_while_another_process_reads_the_file(path: str) -> None:
+    store = Store(path)
+    store.load("production", NOW, 0.0)
+    for n in range(1, 20):
+        store.commit("production", PollDelta(cursor=NOW + n, totals={KEY: Totals(1)}))
+    reader = sqlite3.connect(path)  # as `backfill` reading the start point, or a backup tool
+    try:
+        reader.execute("SELECT count(*) FROM project").fetchone()
+        with capture_logs() as logs:
+            store.close()
+        assert logs == []
+        # The reader keeps the WAL file from being removed: it is emptied instead.
+        assert Path(f"{path}-wal").stat().st_size == 0
+    finally:
+        reader.close()
+    assert load(path).cursor == NOW + 19
+
+
+def test_a_failing_checkpoint_on_close_is_logged_and_nothing_is_lost(path: str) -> None:
+    store = Store(path)
+    store.load("production", NOW, 0.0)
+    store.commit("production", PollDelta(cursor=NOW + 1, totals={KEY: Totals(1)}))
+    store._conn = FailingCheckpoints(store._conn)  # type: ignore[assignment]
+    with capture_logs() as logs:
+        store.close()
+    assert logs == [
+        {
+            "event": "checkpoint on close failed",
+            "log_level": "warning",
+            "state_path": path,
+            "error": "disk I/O error",
+        }
+    ]
+    assert load(path).totals == {KEY: Totals(1)}
+
+
+def test_closing_twice_leaves_other_files_open(path: str) -> None:
+    store = Store(path)
+    store.close()
+    with open(path, "rb") as other:  # may take the number the lock file had
+        store.close()
+        os.fstat(other.fileno())
+        os.fstat(0)
+        os.fstat(1)
+        os.fstat(2)
+
+
+class ClosingFails:
+    """The checkpointer's own connection, whose checkpoints work but whose closing fails."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.checkpoints = 0
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        self.checkpoints += 1
+        return self.conn.execute(sql, *args)
+
+    def close(self) -> None:
+        self.conn.close()
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_background_connection_failing_to_close_is_logged(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(path, checkpoint_after=0)  # every commit asks for a background checkpoint
+    store.load("production", NOW, 0.0)
+    opened: list[ClosingFails] = []
+    connect = sqlite3.connect
+
+    def checkpointer_connect(*args: object, **kwargs: object) -> ClosingFails:
+        conn = ClosingFails(connect(*args, **kwargs))  # type: ignore[arg-type]
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", checkpointer_connect)
+    with capture_logs() as logs:
+        store.commit("production", PollDelta(cursor=NOW + 1, totals={KEY: Totals(1)}))
+        deadline = time.monotonic() + 10
+        while not (opened and opened[0].checkpoints):
+            assert time.monotonic() < deadline, "no background checkpoint"
+            time.sleep(0.01)
+        store.close()
+    monkeypatch.undo()
+    assert logs == [
+        {
+            "event": "background checkpoint failed",
+            "log_level": "warning",
+            "state_path": path,
+            "error": "disk I/O error",
+        }
+    ]
+    assert load(path).totals == {KEY: Totals(1)}

@@ -16,6 +16,7 @@ from exporter.ledger import (
     Ledger,
     LedgerState,
     PollDelta,
+    PollPlan,
     Rules,
     new_state,
 )
@@ -351,3 +352,302 @@ def test_a_restarted_ledger_goes_on_from_the_committed_state() -> None:
         ("outbound-api", "sms", "sent"): T0 + 5,
         ("outbound-api", "mms", "queued"): T0 + 3,
     }
+
+
+# ----------------------------------------------------------------- what a poll reports
+
+
+def test_a_poll_counts_what_it_listed_new_and_ignored() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 5, msg("done", "delivered", created=T0 + 2))
+    batch = ledger.begin(ledger.plan(T0 + 10))
+    batch.observe_all(
+        [
+            msg("a", "sent", created=T0 + 3),
+            msg("b", "delivered", created=T0 + 4),
+            msg("a", "sent", created=T0 + 3),  # listed twice: one message
+            msg("old", "delivered", created=T0 - 5),  # before the start point
+            msg("done", "delivered", created=T0 + 2),  # settled in an earlier poll
+        ],
+        T0 + 10,
+    )
+    batch.observe_all(
+        [msg("c", "sent", created=T0 + 6), msg("old2", "sent", created=T0 - 9)], T0 + 11
+    )
+    assert (batch.listed, batch.new_messages, batch.ignored) == (7, 3, 2)
+    delta = batch.close(T0 + 12, T0 + 10)
+    assert delta.new_messages == 3
+    assert delta.sightings == {T0 + 3: 1, T0 + 4: 1, T0 + 6: 1}
+
+
+def test_first_sightings_are_counted_per_creation_time() -> None:
+    ledger = new_ledger()
+    delta = poll(
+        ledger,
+        T0 + 10,
+        msg("a", "sent", created=T0 + 3),
+        msg("b", "delivered", created=T0 + 3),
+        msg("c", "sent", created=T0 + 4),
+    )
+    assert delta.sightings == {T0 + 3: 2, T0 + 4: 1}
+
+
+def test_a_record_created_exactly_at_the_floor_is_counted() -> None:
+    ledger = new_ledger()  # start point T0: the floor
+    delta = poll(ledger, T0 + 10, msg("edge", "delivered", created=T0))
+    assert delta.settled_ids == {"edge": T0}
+
+
+def late_ledger() -> Ledger:
+    """A ledger whose cursor (T0 + 100) is ahead of where every record is sure to have been
+    seen (T0 + 50): records first seen between the two are late, and still new."""
+    rules = new_ledger().rules
+    return Ledger(rules, LedgerState(start_point=T0, cursor=T0 + 100, complete_until=T0 + 50))
+
+
+def test_records_first_seen_behind_the_cursor_are_counted_as_late() -> None:
+    ledger = late_ledger()
+    at = T0 + 140
+    delta = poll(
+        ledger,
+        at,
+        msg("x", "delivered", created=T0 + 60),
+        msg("y", "sent", created=T0 + 70),
+        msg("edge", "delivered", created=T0 + 100),  # at the cursor: not late
+        msg("new", "delivered", created=T0 + 120),
+    )
+    assert delta.late_records == 2
+    assert delta.lateness == at - (T0 + 60)
+    assert set(delta.settled_ids) == {"x", "edge", "new"}
+
+
+def test_a_poll_without_late_records_reports_no_lateness() -> None:
+    delta = poll(late_ledger(), T0 + 140, msg("new", "delivered", created=T0 + 120))
+    assert (delta.late_records, delta.lateness) == (0, 0.0)
+
+
+def test_a_plan_without_a_floor_ignores_what_is_below_its_horizon() -> None:
+    ledger = new_ledger()
+    plan = PollPlan(T0 + 100, ((T0 + 49, None),), T0 + 50, (), frozenset())
+    batch = ledger.begin(plan)
+    batch.observe_all([msg("below", "delivered", created=T0 + 10)], T0 + 100)
+    batch.observe_all([msg("above", "delivered", created=T0 + 60)], T0 + 100)
+    assert (batch.ignored, batch.new_messages) == (1, 1)
+    assert batch.close(T0 + 100, T0 + 100).settled_ids == {"above": T0 + 60}
+
+
+def test_of_two_observations_made_at_the_same_time_the_later_one_counts() -> None:
+    ledger = new_ledger()
+    batch = ledger.begin(ledger.plan(T0 + 10))
+    batch.observe(msg("a", "queued"), T0 + 10)
+    batch.observe(msg("a", "sent"), T0 + 10)
+    delta = batch.close(T0 + 10, T0 + 10)
+    assert delta.pending_upserts["a"].message.status == "sent"
+
+
+def test_a_pending_message_seen_again_unchanged_is_only_marked_seen() -> None:
+    ledger = with_pending(msg("a", "sent"), msg("b", "sent"))
+    delta = poll(ledger, T0 + 30, msg("a", "sent"), msg("b", "queued"))
+    assert delta.pending_seen == {"a": T0 + 30}
+    assert list(delta.pending_upserts) == ["b"]
+    assert ledger.state.pending["a"].observed_at == T0 + 30
+    assert ledger.state.pending["b"].message.status == "queued"
+    # Settled in the next poll: marked seen there too, it is gone from pending all the same.
+    delta = poll(ledger, T0 + 40, msg("a", "delivered"))
+    assert "a" not in ledger.state.pending
+
+
+def test_an_error_code_without_text_keeps_the_text_known_for_it() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("a", "failed", error_code="30003", error_message="Unreachable"))
+    delta = poll(ledger, T0 + 20, msg("b", "failed", error_code="30003"))
+    assert delta.error_info == {}
+    assert ledger.state.error_info == {"30003": "Unreachable"}
+    pending = with_pending(msg("c", "sent", error_code="30005"))
+    delta = poll(pending, CREATED + TIMEOUT + 1, msg("c", "sent", error_code="30005"))
+    assert delta.settled_by_timeout == 1
+    assert delta.error_info == {}
+
+
+# ----------------------------------------------------------------- settling by timeout
+
+
+def test_several_messages_settled_by_timeout_in_one_poll_all_count() -> None:
+    ledger = with_pending(msg("a", "sent"), msg("b", "sent"), msg("c", "sent"))
+    now = CREATED + TIMEOUT + 5
+    delta = poll(ledger, now, msg("a", "sent"), msg("b", "sent"), gone=("c",))
+    assert delta.settled_by_timeout == 3
+    assert counts(delta.totals) == {("outbound-api", "sms", "sent", ""): 3}
+    assert ledger.state.totals[("outbound-api", "sms", "sent", "")].segments == 3
+
+
+def test_every_gone_message_is_dealt_with_whatever_the_others() -> None:
+    listed = [msg(f"l{i}", "sent") for i in range(10)]
+    gone = [msg(f"g{i}", "sent") for i in range(10)]
+    ledger = with_pending(*listed, *gone)
+    now = CREATED + TIMEOUT + 5
+    delta = close(ledger, now, *listed, gone=tuple(m.id for m in listed + gone))
+    assert set(delta.settled_ids) == {m.id for m in listed + gone}
+    assert counts(delta.totals) == {("outbound-api", "sms", "sent", ""): 20}
+
+
+def test_timeout_due_messages_not_yet_observed_are_those_to_get() -> None:
+    ledger = with_pending(*(msg(i, "sent") for i in "abcd"))
+    now = CREATED + TIMEOUT + 5
+    plan = PollPlan(now, ((T0 - 1, None),), T0 - 1, (), frozenset("abcd"), floor=T0)
+    batch = ledger.begin(plan)
+    assert batch.unrefreshed_timeout_due() == ["a", "b", "c", "d"]
+    batch.observe(msg("a", "delivered"), now)
+    batch.observe(msg("b", "sent"), now)
+    batch.gone("c", now)
+    assert batch.unrefreshed_timeout_due() == ["d"]
+
+
+# ----------------------------------------------------------------- sums under one label
+
+
+def test_error_codes_past_the_cap_add_up_under_other() -> None:
+    ledger = new_ledger(max_error_codes=1)
+    delta = poll(
+        ledger,
+        T0 + 10,
+        msg("a", "failed", error_code="30001"),
+        msg("b", "failed", error_code="30002")._replace(segments=2, charge_nano=10),
+        msg("c", "failed", error_code="30003")._replace(segments=3, charge_nano=20),
+    )
+    other = delta.totals[("outbound-api", "sms", "failed", OTHER_ERROR_CODE)]
+    assert (other.messages, other.segments, other.charge_nano) == (2, 5, 30)
+
+
+def test_messages_of_one_country_and_group_add_up() -> None:
+    rules = new_ledger().rules
+    ledger = Ledger(
+        Rules(
+            settle=rules.settle,
+            poll_interval=10.0,
+            failure_ratio_window=60.0,
+            max_error_codes=3,
+            page_size=10,
+            number_groups={"+15551230000": "otp"},
+        ),
+        LedgerState(start_point=T0, cursor=T0),
+    )
+    us = dict(remote="+12125550100", own="+15551230000")
+    delta = poll(
+        ledger,
+        T0 + 10,
+        msg("a", "delivered")._replace(segments=2, charge_nano=10, **us),
+        msg("b", "delivered")._replace(segments=3, charge_nano=20, **us),
+    )
+    by_country = delta.by_country[("outbound-api", "sms", "delivered", "US")]
+    by_group = delta.by_group[("outbound-api", "sms", "delivered", "otp")]
+    assert (by_country.messages, by_country.segments, by_country.charge_nano) == (2, 5, 30)
+    assert (by_group.messages, by_group.segments, by_group.charge_nano) == (2, 5, 30)
+
+
+def test_an_admitted_country_stays_admitted_under_the_cap() -> None:
+    rules = new_ledger().rules
+    ledger = Ledger(
+        Rules(
+            settle=rules.settle,
+            poll_interval=10.0,
+            failure_ratio_window=60.0,
+            max_error_codes=3,
+            page_size=10,
+            max_countries=1,
+        ),
+        LedgerState(start_point=T0, cursor=T0),
+    )
+    delta = poll(
+        ledger,
+        T0 + 10,
+        msg("a", "delivered")._replace(remote="+12125550100"),
+        msg("b", "failed")._replace(remote="+12125550101"),
+        msg("c", "failed")._replace(remote="+442079460000"),
+    )
+    assert counts(delta.by_country) == {
+        ("outbound-api", "sms", "delivered", "US"): 1,
+        ("outbound-api", "sms", "failed", "US"): 1,
+        ("outbound-api", "sms", "failed", OTHER_LABEL_VALUE): 1,
+    }
+
+
+def test_pending_messages_of_label_sets_shown_alike_add_up() -> None:
+    ledger = new_ledger(final=frozenset({"delivered", *NEW_STATUSES[:MAX_NEW_LABEL_VALUES]}))
+    cap = MAX_NEW_LABEL_VALUES
+    poll(ledger, T0 + 10, *(msg(f"m{i}", s) for i, s in enumerate(NEW_STATUSES[:cap])))
+    poll(
+        ledger,
+        T0 + 20,
+        msg("p", NEW_STATUSES[cap], created=T0 + 8),
+        msg("q", NEW_STATUSES[cap + 1], created=T0 + 5),
+    )
+    assert ledger.pending_by_labels() == {("outbound-api", "sms", OTHER_LABEL_VALUE): 2}
+    assert ledger.pending_oldest() == {("outbound-api", "sms", OTHER_LABEL_VALUE): T0 + 5}
+
+
+# ----------------------------------------------------------------- windows and pruning
+
+
+def test_the_failure_ratio_counts_the_window_s_first_second() -> None:
+    ledger = new_ledger()  # a 60 s window
+    poll(ledger, T0 + 10, msg("f", "failed"))
+    poll(ledger, T0 + 70, msg("d", "delivered"))
+    assert ledger.failure_ratios(T0 + 70) == {("outbound-api", "sms"): 0.5}
+    assert ledger.failure_ratios(T0 + 71) == {("outbound-api", "sms"): 0.0}
+
+
+def test_a_catch_up_step_lists_one_window_from_the_cursor_and_gets_nothing() -> None:
+    ledger = new_ledger()
+    now = T0 + 100_000
+    plan = ledger.catch_up_step(now)
+    assert plan is not None
+    assert plan.now == now
+    assert plan.horizon == T0 - 1
+    (start, end), *rest = plan.listings
+    assert rest == [] and start == T0 - 1 and end is not None and T0 < end < now
+    assert (plan.get_ids, plan.timeout_due, plan.window_end, plan.floor) == (
+        (),
+        frozenset(),
+        end,
+        T0,
+    )
+    delta = ledger.begin(plan).close(now, now)
+    assert delta.cursor == end - 1  # everything before the window's end has been listed
+    assert delta.head_started is None
+
+
+def test_no_catch_up_step_right_after_a_head_listing_near_now() -> None:
+    ledger = new_ledger()
+    now = T0 + 100_000
+    # An ordinary poll whose head listing started just now: what is left is within a step.
+    batch = ledger.begin(ledger.plan(now))
+    ledger.apply(batch.close(now, now))
+    assert ledger.catch_up_step(now + 10) is None
+    # What is left starts 30 s (the cursor's margin) before that head listing: 100 s later,
+    # more than a first step (60 s) is left.
+    assert ledger.catch_up_step(now + 100) is not None
+
+
+def test_complete_until_never_goes_back() -> None:
+    ledger = Ledger(
+        new_ledger().rules,
+        LedgerState(start_point=T0, cursor=T0 + 1000, complete_until=T0 + 1000),
+    )
+    floor = ledger.state.floor
+    plan = PollPlan(T0 + 1100, ((floor, None),), T0 + 999, (), frozenset(), floor=floor)
+    delta = ledger.begin(plan).close(T0 + 1100, T0 + 1100)
+    assert delta.complete_until == T0 + 1000
+
+
+def test_a_settled_id_is_kept_while_its_record_can_still_be_new() -> None:
+    """Settled ids are forgotten only below the next floor: one that could be re-listed as new
+    is never forgotten, so it is never counted twice."""
+    ledger = new_ledger()  # max_ingestion_delay 600 s
+    poll(ledger, T0 + 80, msg("a", "delivered", created=T0 + 50))
+    listing = T0 + 650.5  # a sweep from the floor: complete until T0 + 50.5
+    delta = poll(ledger, listing)
+    assert delta.complete_until == T0 + 50.5
+    assert ledger.state.floor == T0 + 49.5 < T0 + 50
+    poll(ledger, T0 + 700, msg("a", "delivered", created=T0 + 50))
+    assert counts(ledger.state.totals) == {("outbound-api", "sms", "delivered", ""): 1}

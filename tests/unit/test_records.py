@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -368,3 +369,15 @@ def test_format_timestamp_gives_whole_seconds_in_utc() -> None:
     assert format_timestamp(T + 0.9) == "2026-11-22T05:57:00Z"
     assert format_timestamp(0) == "1970-01-01T00:00:00Z"
     assert parse_message({**GOOD, "created_at": format_timestamp(T)}).created_at == T
+
+
+def test_format_timestamp_is_utc_whatever_the_local_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert format_timestamp(T) == "2026-11-22T05:57:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -636,3 +636,30 @@ def test_a_background_connection_failing_to_close_is_logged(
         }
     ]
     assert load(path).totals == {KEY: Totals(1)}
+
+
+def test_a_lock_file_opened_as_descriptor_0_is_released_on_close(path: str) -> None:
+    """A daemon started with standard input closed gets its lock file as descriptor 0."""
+    saved = os.dup(0)
+    os.close(0)
+    try:
+        store = Store(path)
+        store.close()
+        again = Store(path, lock_wait=0.0)  # the lock was released
+        again.close()
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+def test_a_commit_stands_when_the_wal_index_cannot_be_read(path: str) -> None:
+    # The background checkpointer never opens a connection here: no second WAL index.
+    store = Store(path, checkpoint_after=2**40, checkpoint_in_commit=2**40)
+    try:
+        store.load("production", NOW, 0.0)
+        store.commit("production", PollDelta(cursor=NOW + 1, totals={KEY: Totals(1)}))
+        os.unlink(f"{path}-shm")  # its size is then taken from the WAL file
+        store.commit("production", PollDelta(cursor=NOW + 2, totals={KEY: Totals(1)}))
+    finally:
+        store.close()
+    assert load(path).totals == {KEY: Totals(2)}

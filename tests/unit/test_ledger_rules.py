@@ -367,6 +367,7 @@ def test_a_poll_counts_what_it_listed_new_and_ignored() -> None:
             msg("b", "delivered", created=T0 + 4),
             msg("a", "sent", created=T0 + 3),  # listed twice: one message
             msg("old", "delivered", created=T0 - 5),  # before the start point
+            msg("older", "sent", created=T0 - 7),
             msg("done", "delivered", created=T0 + 2),  # settled in an earlier poll
         ],
         T0 + 10,
@@ -374,7 +375,7 @@ def test_a_poll_counts_what_it_listed_new_and_ignored() -> None:
     batch.observe_all(
         [msg("c", "sent", created=T0 + 6), msg("old2", "sent", created=T0 - 9)], T0 + 11
     )
-    assert (batch.listed, batch.new_messages, batch.ignored) == (7, 3, 2)
+    assert (batch.listed, batch.new_messages, batch.ignored) == (8, 3, 3)
     delta = batch.close(T0 + 12, T0 + 10)
     assert delta.new_messages == 3
     assert delta.sightings == {T0 + 3: 1, T0 + 4: 1, T0 + 6: 1}
@@ -579,8 +580,8 @@ def test_pending_messages_of_label_sets_shown_alike_add_up() -> None:
     poll(
         ledger,
         T0 + 20,
-        msg("p", NEW_STATUSES[cap], created=T0 + 8),
         msg("q", NEW_STATUSES[cap + 1], created=T0 + 5),
+        msg("p", NEW_STATUSES[cap], created=T0 + 8),
     )
     assert ledger.pending_by_labels() == {("outbound-api", "sms", OTHER_LABEL_VALUE): 2}
     assert ledger.pending_oldest() == {("outbound-api", "sms", OTHER_LABEL_VALUE): T0 + 5}
@@ -651,3 +652,51 @@ def test_a_settled_id_is_kept_while_its_record_can_still_be_new() -> None:
     assert ledger.state.floor == T0 + 49.5 < T0 + 50
     poll(ledger, T0 + 700, msg("a", "delivered", created=T0 + 50))
     assert counts(ledger.state.totals) == {("outbound-api", "sms", "delivered", ""): 1}
+
+
+def test_polls_settling_in_the_same_second_add_up_in_the_failure_window() -> None:
+    ledger = new_ledger()
+    poll(ledger, T0 + 10.2, msg("f", "failed"))
+    poll(ledger, T0 + 10.7, msg("d", "delivered"))
+    poll(ledger, T0 + 10.9, msg("e", "delivered"))
+    assert ledger.failure_ratios(T0 + 11) == {("outbound-api", "sms"): pytest.approx(1 / 3)}
+
+
+def test_settled_ids_are_forgotten_below_the_prune_point_whatever_their_order() -> None:
+    """Ids settled in later polls may be older (late records): each is forgotten once below."""
+    ledger = new_ledger()
+    ledger.apply(PollDelta(cursor=T0, settled_ids={"x": T0 + 60}))
+    ledger.apply(PollDelta(cursor=T0, settled_ids={"y": T0 + 20, "z": T0 + 45}))
+    ledger.apply(PollDelta(cursor=T0, prune_settled_before=T0 + 40))
+    assert ledger.state.settled == {"x": T0 + 60, "z": T0 + 45}
+    ledger.apply(PollDelta(cursor=T0, prune_settled_before=T0 + 50))
+    assert ledger.state.settled == {"x": T0 + 60}
+    ledger.apply(PollDelta(cursor=T0, prune_settled_before=T0 + 70))
+    assert ledger.state.settled == {}
+
+
+def test_the_plan_is_for_the_time_it_was_made() -> None:
+    ledger = new_ledger()
+    assert ledger.plan(T0 + 123).now == T0 + 123
+
+
+def test_the_schedule_follows_the_rules_and_the_traffic() -> None:
+    settle = SettleConfig(timeout=TIMEOUT, final_statuses=FINAL)
+    rules = Rules(
+        settle=settle,
+        poll_interval=10.0,
+        failure_ratio_window=60.0,
+        max_error_codes=3,
+        page_size=10,
+        max_ingestion_delay=1200.0,
+    )
+    ledger = Ledger(rules, LedgerState(start_point=T0, cursor=T0))
+    assert ledger.schedule().late_sweep_period == 3600.0  # three ingestion delays
+    # 75 first sightings in the 5 minutes before the cursor's minute (none in the last one):
+    # 0.25 a second, so the 8 records of a page's 80 % take 32 s, less the 10 s since the last
+    # head listing.
+    minute = (T0 // 60) * 60 + 600
+    sightings = {minute - 300 + 3.2 * i: 1 for i in range(75)}
+    ledger.apply(PollDelta(cursor=minute + 30, sightings=sightings))
+    assert ledger.schedule().head_overlap == pytest.approx(22.0)
+    assert ledger.schedule().interval == 10.0

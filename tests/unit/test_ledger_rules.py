@@ -15,6 +15,7 @@ from exporter.ledger import (
     OTHER_LABEL_VALUE,
     Ledger,
     LedgerState,
+    Pending,
     PollDelta,
     PollPlan,
     Rules,
@@ -700,3 +701,15 @@ def test_the_schedule_follows_the_rules_and_the_traffic() -> None:
     ledger.apply(PollDelta(cursor=minute + 30, sightings=sightings))
     assert ledger.schedule().head_overlap == pytest.approx(22.0)
     assert ledger.schedule().interval == 10.0
+
+
+def test_a_restarted_ledger_takes_the_traffic_from_its_pending_messages() -> None:
+    rules = new_ledger().rules
+    minute = (T0 // 60) * 60 + 600
+    pending = {
+        f"p{i}": Pending(msg(f"p{i}", "sent", created=minute - 300 + 3.2 * i), minute)
+        for i in range(75)
+    }
+    state = LedgerState(start_point=T0, cursor=minute + 30, pending=pending)
+    # As in the test above: 0.25 new messages a second, 10 records a page.
+    assert Ledger(rules, state).schedule().head_overlap == pytest.approx(22.0)

@@ -713,3 +713,13 @@ def test_a_restarted_ledger_takes_the_traffic_from_its_pending_messages() -> Non
     state = LedgerState(start_point=T0, cursor=minute + 30, pending=pending)
     # As in the test above: 0.25 new messages a second, 10 records a page.
     assert Ledger(rules, state).schedule().head_overlap == pytest.approx(22.0)
+
+
+def test_a_message_s_labels_are_its_direction_kind_and_status() -> None:
+    labels = new_ledger().state.label_values()
+    assert labels.of(msg("a", "sent", direction="inbound", kind="mms")) == (
+        "inbound",
+        "mms",
+        "sent",
+    )
+    assert labels.of(msg("b", "new0", direction="dir0", kind="kind0")) == ("dir0", "kind0", "new0")

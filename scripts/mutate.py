@@ -12,8 +12,9 @@ equivalent (they cannot change anything a user sees) are listed in `tests/mutati
 by module, function and the changed code, so that the list survives unrelated edits. Every other
 survivor is printed with its diff.
 
-The working copies are kept between runs: mutmut only re-runs the mutants of functions that
-changed, and the tests whose files changed. `--fresh` starts a module over.
+The working copies are kept between runs: mutmut tries again only the mutants of functions that
+changed, and this script the survivors of the last run (tests may have been added since).
+`--fresh` starts a module over; so does mutmut itself when the pytest arguments change (`--slow`).
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def function_of(module: str, mutant: str) -> str:
 
 
 def summarize(module: str, work: Path) -> Score:
-    """Read mutmut's verdicts for `module` in its working copy (in a child process of mutmut's)."""
+    """mutmut's verdicts for `module` in its working copy, read by mutmut's own code (in a child
+    process, from the working copy's directory as mutmut expects)."""
     code = (
         "import json, sys\n"
         "from mutmut.mutation.data import SourceFileMutationData\n"

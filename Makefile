@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit soak bench tools clean
+.PHONY: demo test lint unit soak bench tools mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,10 @@ bench: $(STAMP)
 soak: $(STAMP)
 	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(BIN)/pytest -q -s tests/integration/test_soak.py
 
+# Mutation testing of the counting core, each module against its own unit tests, one worker
+# (docs/mutation.md). MUTATE_FLAGS: module names to run only those, --fresh to start over.
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate.py $(MUTATE_FLAGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* .mutation mutants

@@ -54,6 +54,7 @@ from exporter.simulator import (
 )
 from exporter.store import Store
 from exporter.views import CounterState, ProjectView
+from tests.benchmarks.pending import POLL as PENDING_POLL
 from tests.benchmarks.pending import pending_set
 from tests.benchmarks.profile import DayProfile, populate
 from tests.helpers import exported_totals, parse_metrics, pending_total, process_family
@@ -623,6 +624,7 @@ def figures(
     short_window: tuple[float, float] = SHORT_WINDOW,
     backlogs: tuple[int, ...] = BACKLOGS,
     pending_sizes: tuple[int, ...] = PENDING_SETS,
+    pending_poll: float = PENDING_POLL,
 ) -> dict[str, Any]:
     progress(f"short polls: {SHORT_RATE:g} messages a second every {SHORT_POLL:g} s")
     short = short_polls(workdir / "short", short_traffic, short_window)
@@ -654,7 +656,7 @@ def figures(
     pendings = []
     for size in pending_sizes:
         progress(f"pending set: {size:,} messages waiting for their receipts, then all at once")
-        pendings.append(pending_set(workdir, size))
+        pendings.append(pending_set(workdir, size, pending_poll))
     return {
         "pending": [p.row() for p in pendings],
         "pending_largest_peak_rss_mb": pendings[-1].peak_rss_mb,

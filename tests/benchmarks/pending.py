@@ -44,10 +44,11 @@ class PendingResult:
     bytes_per_settled_id: float
     peak_rss_mb: float
     burst_settle_s: float
+    poll: float = POLL
 
     @property
     def burst_settle_polls(self) -> float:
-        return self.burst_settle_s / POLL
+        return self.burst_settle_s / self.poll
 
     def row(self) -> dict[str, Any]:
         return {
@@ -163,7 +164,7 @@ def _wait(url: str, proc: subprocess.Popen[bytes], done: Any, limit: float) -> N
     raise RuntimeError(f"not done within {limit:.0f} s")
 
 
-def daemon_with_pending(workdir: Path, size: int) -> tuple[float, float]:
+def daemon_with_pending(workdir: Path, size: int, poll: float = POLL) -> tuple[float, float]:
     """The real daemon takes in `size` pending messages, then their receipts all at once:
     its peak RSS (both processes) and seconds from the receipts to the last settlement."""
     context = multiprocessing.get_context("fork")
@@ -176,7 +177,7 @@ def daemon_with_pending(workdir: Path, size: int) -> tuple[float, float]:
         config.write_text(
             yaml.safe_dump(
                 {
-                    "poll_interval": f"{POLL:g}s",
+                    "poll_interval": f"{poll:g}s",
                     "state_path": str(workdir / f"pending-{size}.db"),
                     "start_from": "1h",
                     "settle": {"timeout": f"{TIMEOUT:g}s"},
@@ -216,8 +217,8 @@ def daemon_with_pending(workdir: Path, size: int) -> tuple[float, float]:
     return rss, settle_s
 
 
-def pending_set(workdir: Path, size: int) -> PendingResult:
+def pending_set(workdir: Path, size: int, poll: float = POLL) -> PendingResult:
     per_pending, per_id = heap_bytes(size)
     gc.collect()
-    rss, settle_s = daemon_with_pending(workdir, size)
-    return PendingResult(size, per_pending, per_id, rss, settle_s)
+    rss, settle_s = daemon_with_pending(workdir, size, poll)
+    return PendingResult(size, per_pending, per_id, rss, settle_s, poll)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.benchmarks.bench import TARGETS, figures, scaling, table
 from tests.benchmarks.profile import DayProfile
 
 
+@pytest.mark.timeout(600)
 def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
     results = figures(
         DayProfile(messages=3000, seconds=3600.0),
@@ -20,6 +23,7 @@ def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
         short_window=(150.0, 300.0),
         backlogs=(5_000,),
         pending_sizes=(2_000,),
+        pending_poll=2.0,
     )
     for name in TARGETS:
         assert math.isfinite(results[name]), name

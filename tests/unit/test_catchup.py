@@ -132,3 +132,53 @@ def test_progress_share_rate_and_eta() -> None:
     assert Progress(T0, T0 + 20, T0 + 10, 0, 5.0).share == 1.0
     assert Progress(T0, T0 + 20, T0, 0, 5.0).share == 1.0
     assert Progress(T0, T0, T0 + 10, 1, 0.0).messages_per_second == 0.0
+
+
+DAY_START = math.floor(T0 / DAY) * DAY  # the midnight before T0
+
+
+def test_no_step_when_what_is_left_is_exactly_one_window() -> None:
+    windows = Windows(seconds=100.0, verified=True)
+    # What is left runs from `reach`, which may be past the cursor (a head listing went ahead).
+    assert windows.end(T0, T0 + 50, T0 + 150) is None
+    assert windows.end(T0, T0 + 50, T0 + 149) is None
+    assert windows.end(T0, T0 + 50, T0 + 151) == T0 + 100
+    assert windows.end(T0, T0, T0 + 100.5) == T0 + 100
+
+
+def test_until_the_filters_are_verified_no_window_crosses_midnight() -> None:
+    cursor = DAY_START + DAY - 30
+    assert Windows(seconds=100.0).end(cursor, cursor, T0 + DAY) == DAY_START + DAY
+    assert Windows(seconds=100.0, verified=True).end(cursor, cursor, T0 + DAY) == cursor + 100
+    # The cursor half a second short of the last second before midnight: still that day's end.
+    late = DAY_START + DAY - 1.5
+    assert Windows(seconds=100.0).end(late, late, T0 + DAY) == DAY_START + DAY
+    assert Windows(coarse=True).end(late, late, T0 + DAY) == DAY_START + DAY
+
+
+def test_records_outside_the_window_turn_the_windows_into_whole_days() -> None:
+    windows = Windows(seconds=100.0, verified=True)
+    assert windows.within(T0 - 3, T0 + 10, T0, T0 + 60) is False
+    assert windows.end(T0, T0, T0 + 10 * DAY) == DAY_START + DAY
+    assert windows.checked
+
+
+@pytest.mark.parametrize(
+    ("listed", "days"),
+    [([T0 - 2, T0, T0 + 2], False), ([T0, T0 + 2.5], True), ([], True)],
+)
+def test_the_probe_decides_between_seconds_and_whole_days(listed: list[float], days: bool) -> None:
+    """Records up to BOUND_TOLERANCE (2 s) from the probed one are within a filter honoured to
+    the second; past that, or without the record itself, windows become whole days."""
+    windows = Windows(seconds=100.0)
+    assert windows.probed(T0, listed) is not days
+    assert windows.checked
+    expected = DAY_START + DAY if days else T0 + 100
+    assert windows.end(T0, T0, T0 + 10 * DAY) == expected
+
+
+def test_a_window_ending_at_midnight_is_exact_whatever_the_precision() -> None:
+    assert Windows.exact_whatever_the_precision(DAY_START)
+    assert Windows.exact_whatever_the_precision(DAY_START + DAY)
+    assert not Windows.exact_whatever_the_precision(DAY_START + 1)
+    assert not Windows.exact_whatever_the_precision(T0)

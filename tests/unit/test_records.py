@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,10 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import exporter.records
 from exporter.records import (
     InvalidRecord,
     Message,
     _parse_checked,
+    format_timestamp,
     parse_message,
     parse_records,
 )
@@ -230,3 +233,151 @@ def test_a_missing_or_odd_number_costs_only_the_country_and_group(odd: Any) -> N
         assert (message.remote, message.own) == ("", "+15551230000")
     without = {k: v for k, v in GOOD.items() if k not in ("to", "from")}
     assert (parse_message(without).remote, parse_message(without).own) == ("", "")
+
+
+@pytest.mark.parametrize("charge", [0, "0", 0.0, "0.0"])
+def test_a_charge_of_zero_is_counted(charge: Any) -> None:
+    """A free message (charge 0 as a JSON integer, a float or a numeric string) is valid."""
+    record = {**GOOD, "charge": charge}
+    for message in (parse_message(record), _parse_checked(record), parse_page([record])[0]):
+        assert isinstance(message, Message)
+        assert message.charge_nano == 0
+
+
+@pytest.mark.parametrize(
+    ("charge", "nano"),
+    [(1_000_000_000, 10**18), (1e9, 10**18), ("1000000000", 10**18), ("0.000000001", 1)],
+)
+def test_charges_up_to_a_billion_dollars_are_counted_exactly(charge: Any, nano: int) -> None:
+    record = {**GOOD, "charge": charge}
+    assert parse_message(record).charge_nano == nano
+    assert parse_page([record]) == [_parse_checked(record)]
+
+
+@pytest.mark.parametrize("charge", [1_000_000_001, 1000000000.5, "1000000001", -0.000000001])
+def test_charges_past_a_billion_dollars_or_below_zero_are_out_of_range(charge: Any) -> None:
+    record = {**GOOD, "charge": charge}
+    with pytest.raises(InvalidRecord) as info:
+        parse_message(record)
+    assert info.value.key == "a1b2"
+    assert parse_page([record]) == [("a1b2", info.value.reason)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"number_of_segments": 0},
+        {"charge": 0.0},
+        {"error_code": "30007", "error_message": "Unknown destination handset"},
+        {"direction": "inbound", "to": "+15551230000", "from": "+14165550100"},
+        {"created_at": "2026-11-22T05:57:00.123456+00:00"},
+    ],
+)
+def test_the_common_records_take_the_fast_path(
+    change: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every field present with its usual type: no record of a page goes to the full checks
+    (a call per record is a large share of the parsing cost)."""
+    record = {**GOOD, **change}
+    expected = _parse_checked(record)
+
+    def not_expected(raw: Any) -> Message:
+        raise AssertionError(f"the full checks were called for {raw!r}")
+
+    monkeypatch.setattr(exporter.records, "_parse_checked", not_expected)
+    assert parse_records([record, record, {**record, "id": "other"}], _raise_it) == [
+        expected,
+        expected,
+        expected._replace(id="other"),
+    ]
+
+
+def _raise_it(exc: InvalidRecord) -> None:
+    raise exc
+
+
+def test_a_settled_record_lacking_a_field_does_not_end_the_page() -> None:
+    lacking = {k: v for k, v in GOOD.items() if k != "charge"}
+    other = {**GOOD, "id": "next"}
+    assert parse_page([lacking, other], skip={"a1b2"}) == [parse_message(other)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"created_at": None},
+        {"created_at": "yesterday"},
+        {"direction": None},
+        {"kind": ""},
+        {"status": 7},
+        {"number_of_segments": -1},
+        {"number_of_segments": None, "charge": "free"},
+        {"charge": [1]},
+        {"charge": "free"},
+        {"charge": -1},
+        {"error_code": 1.5},
+        {"number_of_segments": "__missing__"},
+        {"charge": "__missing__"},
+        {"created_at": "__missing__"},
+    ],
+)
+def test_a_rejected_record_is_reported_under_its_id(change: dict[str, Any]) -> None:
+    """The key of a rejection is the record's id, so that its reports can be told apart."""
+    record = {k: v for k, v in {**GOOD, **change}.items() if v != "__missing__"}
+    with pytest.raises(InvalidRecord) as info:
+        parse_message(record)
+    assert info.value.key == "a1b2"
+    assert isinstance(info.value.reason, str) and info.value.reason
+    assert str(info.value) == info.value.reason
+    assert parse_page([record]) == [("a1b2", info.value.reason)]
+
+
+@pytest.mark.parametrize("bad_id", ["", None, ["a", "list"], 12])
+def test_a_rejected_record_without_a_usable_id_is_reported_under_its_content(
+    bad_id: Any,
+) -> None:
+    record = {**GOOD, "id": bad_id}
+    with pytest.raises(InvalidRecord) as info:
+        parse_message(record)
+    assert info.value.key == repr(sorted(record.items()))[:200]
+    assert "'id'" in info.value.reason
+    long = {**record, "error_message": "x" * 300}
+    with pytest.raises(InvalidRecord) as info:
+        parse_message(long)
+    assert info.value.key == repr(sorted(long.items()))[:200]
+    assert len(info.value.key) == 200
+
+
+def test_a_record_that_is_not_an_object_is_reported_under_its_text() -> None:
+    record = ["x" * 100]
+    with pytest.raises(InvalidRecord) as info:
+        parse_message(record)
+    assert info.value.key == repr(record)[:80]
+    assert len(info.value.key) == 80
+    assert info.value.reason == "record must be an object, got list"
+
+
+def test_an_error_message_that_is_not_text_is_dropped() -> None:
+    for error_message in (5, ["x"], ""):
+        record = {**GOOD, "error_code": "30007", "error_message": error_message}
+        assert parse_message(record).error_message is None
+        assert _parse_checked(record).error_message is None
+
+
+def test_format_timestamp_gives_whole_seconds_in_utc() -> None:
+    assert format_timestamp(T + 0.9) == "2026-11-22T05:57:00Z"
+    assert format_timestamp(0) == "1970-01-01T00:00:00Z"
+    assert parse_message({**GOOD, "created_at": format_timestamp(T)}).created_at == T
+
+
+def test_format_timestamp_is_utc_whatever_the_local_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert format_timestamp(T) == "2026-11-22T05:57:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

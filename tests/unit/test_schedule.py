@@ -7,6 +7,7 @@ import pytest
 from exporter.schedule import (
     AGES_KEPT,
     AGES_NEEDED,
+    LATE_SWEEP_MIN_PERIOD,
     MAX_RECENT_AGE,
     MIN_RECENT_AGE,
     RECENT_AGE_MARGIN,
@@ -77,3 +78,33 @@ def test_the_head_overlaps_the_last_one_as_far_as_its_pages_allow(
     rate: float, interval: float, overlap: float
 ) -> None:
     assert cadence(interval, rate=rate).head_overlap == pytest.approx(overlap)
+
+
+def test_the_recent_tier_reaches_the_latest_receipt_of_a_small_sample() -> None:
+    # 100 ages: the 99.9th percentile is the latest of them.
+    assert cadence(2.0, ages=[10.0] * 98 + [50.0, 200.0]).recent_age == pytest.approx(
+        200.0 * RECENT_AGE_MARGIN
+    )
+
+
+def test_the_head_overlap_of_a_slow_project_with_small_pages() -> None:
+    # Half a message a second, 10 records a page: 8 records take 16 s, less the 2 s since.
+    slow = schedule(2.0, 10, 0.5, late_ages(), SLACK, SAFETY)
+    assert slow.head_overlap == pytest.approx(14.0)
+    # Never less than twice the listing slack, whatever the slack.
+    busy = schedule(30.0, 1000, 35.0, late_ages(), 2.0, SAFETY)
+    assert busy.head_overlap == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("delay", "period"),
+    [(None, LATE_SWEEP_MIN_PERIOD), (0.0, 1800.0), (600.0, 1800.0), (1200.0, 3600.0)],
+)
+def test_the_late_sweep_runs_every_three_ingestion_delays_at_least_half_an_hour_apart(
+    delay: float | None, period: float
+) -> None:
+    if delay is None:
+        cadence_ = schedule(30.0, 1000, 10.0, late_ages(), SLACK, SAFETY)
+    else:
+        cadence_ = schedule(30.0, 1000, 10.0, late_ages(), SLACK, SAFETY, delay)
+    assert cadence_.late_sweep_period == period

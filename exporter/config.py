@@ -162,11 +162,6 @@ class SettleConfig:
         default_factory=lambda: {k: frozenset(v) for k, v in DEFAULT_FINAL_BY_KIND.items()}
     )
 
-    def is_final(self, kind: str, status: str) -> bool:
-        return status in self.final_statuses or status in self.final_statuses_by_kind.get(
-            kind, frozenset()
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Config:

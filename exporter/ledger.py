@@ -1,11 +1,11 @@
-"""The counting rules of the contract (§3), as pure logic: no I/O, the time is always passed in.
+"""The counting rules (docs/counting.md), as pure logic: no I/O, the time is always passed in.
 
 One poll of a project is one `Batch`:
 
     plan = ledger.plan(now)                 # what to list and which pending messages to get by id
     batch = ledger.begin(plan)
     batch.observe(message, at) ...          # every record listed or fetched, duplicates too
-    batch.gone(message_id, at) ...          # a get-by-id answered 404
+    batch.gone(message_id) ...              # a get-by-id answered 404
     delta = batch.close(now)                # settlements, pending changes, the new cursor
     store.commit(delta); ledger.apply(delta)
 
@@ -190,9 +190,6 @@ class LabelValues:
             self.admitted[i].add(value)
             return value
         return OTHER_LABEL_VALUE
-
-    def of(self, message: Message) -> tuple[str, str, str]:
-        return self.map(message.direction, message.kind, message.status)
 
     def map(self, direction: str, kind: str, status: str) -> tuple[str, str, str]:
         return self._value(0, direction), self._value(1, kind), self._value(2, status)
@@ -822,7 +819,7 @@ class Batch:
             self.seen[message[0]] = _new_pending(Pending, (message, at))
             self.seen_again.pop(ref, None)
 
-    def gone(self, message_id: str, at: float) -> None:
+    def gone(self, message_id: str) -> None:
         """A pending message that SignalWire no longer knows (404 on get-by-id)."""
         if message_id in self.ledger.state.pending:
             self.gone_ids.add(message_id)

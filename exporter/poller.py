@@ -479,7 +479,7 @@ class ProjectPoller:
             raw = self.client.get_message(message_id)
             at = self.clock()
             if raw is None:
-                batch.gone(message_id, at)
+                batch.gone(message_id)
                 continue
             message = self._parse(raw)
             if message is not None and message.id == message_id:

@@ -137,7 +137,10 @@ def final_time(simulator: Simulator, message_id: str, settle: SettleConfig) -> f
     """When the message's first final status appeared, if before its timeout."""
     message = simulator._projects[PROJECT_ID].messages[message_id]
     for step in message.timeline:
-        if settle.is_final(message.kind, step.status) and step.at < settle.timeout:
+        final = step.status in settle.final_statuses or step.status in (
+            settle.final_statuses_by_kind.get(message.kind, ())
+        )
+        if final and step.at < settle.timeout:
             return message.created_at + step.at
     return None
 

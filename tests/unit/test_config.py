@@ -20,6 +20,7 @@ from exporter.config import (
     Config,
     ConfigError,
     ListenAddress,
+    SettleConfig,
     expand_env,
     format_duration,
     load_config,
@@ -28,6 +29,8 @@ from exporter.config import (
     parse_listen_address,
     space_url,
 )
+from exporter.ledger import Ledger, LedgerState, Rules
+from exporter.records import Message
 
 TOKEN = "PTs3cr3t-token-value"
 PROJECT = f"""\
@@ -368,19 +371,28 @@ def test_empty_sections_keep_the_defaults(tmp_path: Path) -> None:
 
 
 def test_settle_rules(tmp_path: Path) -> None:
+    """The final statuses a configuration sets, as the ledger applies them to a record."""
+
+    def is_final(settle: SettleConfig, kind: str, status: str) -> bool:
+        rules = Rules(settle, 30.0, 900.0, 50, 1000)
+        ledger = Ledger(rules, LedgerState(start_point=0.0, cursor=0.0))
+        batch = ledger.begin(ledger.plan(100.0))
+        batch.observe(Message("m", 50.0, "outbound-api", kind, status, "", None, 1, 0), 100.0)
+        return bool(batch.settled)
+
     default = load(tmp_path, PROJECT).settle
-    assert default.is_final("sms", "delivered")
-    assert default.is_final("mms", "sent")
-    assert not default.is_final("sms", "sent")
-    assert not default.is_final("mms", "queued")
+    assert is_final(default, "sms", "delivered")
+    assert is_final(default, "mms", "sent")
+    assert not is_final(default, "sms", "sent")
+    assert not is_final(default, "mms", "queued")
     custom = load(
         tmp_path,
         "settle:\n  final_statuses: [delivered]\n"
         "  final_statuses_by_kind:\n    sms: [sent]\n" + PROJECT,
     ).settle
-    assert custom.is_final("sms", "sent")
-    assert not custom.is_final("mms", "sent")
-    assert not custom.is_final("sms", "failed")
+    assert is_final(custom, "sms", "sent")
+    assert not is_final(custom, "mms", "sent")
+    assert not is_final(custom, "sms", "failed")
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ def poll(ledger: Ledger, now: float, *messages: Message, gone: tuple[str, ...] =
     for m in messages:
         batch.observe(m, now)
     for message_id in gone:
-        batch.gone(message_id, now)
+        batch.gone(message_id)
     delta = batch.close(now, now)
     ledger.apply(delta)
     return delta
@@ -678,7 +678,7 @@ def test_observing_a_page_at_once_equals_one_by_one(seed: int) -> None:
         batches = [observe_one_by_one(ledger, plan, seen), observe_by_page(ledger, plan, seen)]
         for batch in batches:
             for message_id in gone:
-                batch.gone(message_id, now)
+                batch.gone(message_id)
         closing = now + rng.choice([5.0, 200.0])
         one, paged = (batch.close(closing, now) for batch in batches)
         assert one == paged

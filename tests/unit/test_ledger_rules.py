@@ -67,7 +67,7 @@ def close(ledger: Ledger, now: float, *messages: Message, gone: tuple[str, ...] 
     for message in messages:
         batch.observe(message, now)
     for message_id in gone:
-        batch.gone(message_id, now)
+        batch.gone(message_id)
     return batch.close(now, now)
 
 
@@ -495,7 +495,7 @@ def test_timeout_due_messages_not_yet_observed_are_those_to_get() -> None:
     assert batch.unrefreshed_timeout_due() == ["a", "b", "c", "d"]
     batch.observe(msg("a", "delivered"), now)
     batch.observe(msg("b", "sent"), now)
-    batch.gone("c", now)
+    batch.gone("c")
     assert batch.unrefreshed_timeout_due() == ["d"]
 
 
@@ -715,9 +715,5 @@ def test_a_restarted_ledger_takes_the_traffic_from_its_pending_messages() -> Non
 
 def test_a_message_s_labels_are_its_direction_kind_and_status() -> None:
     labels = new_ledger().state.label_values()
-    assert labels.of(msg("a", "sent", direction="inbound", kind="mms")) == (
-        "inbound",
-        "mms",
-        "sent",
-    )
-    assert labels.of(msg("b", "new0", direction="dir0", kind="kind0")) == ("dir0", "kind0", "new0")
+    assert labels.map("inbound", "mms", "sent") == ("inbound", "mms", "sent")
+    assert labels.map("dir0", "kind0", "new0") == ("dir0", "kind0", "new0")

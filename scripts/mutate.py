@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 EQUIVALENT_FILE = ROOT / "tests" / "mutation" / "equivalent.toml"
-MODULES = ("records", "store", "ledger", "catchup", "schedule")
+MODULES = ("records", "store", "ledger", "pending", "catchup", "schedule")
 TARGET = 90.0
 
 # mutmut's exit-code verdicts that count as a mutant caught by the tests.

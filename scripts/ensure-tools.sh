@@ -6,9 +6,11 @@
 # packages (Debian/Ubuntu: prometheus, prometheus-alertmanager) WITHOUT installing them: the .deb
 # files are downloaded and unpacked under VENV/tools, and their binaries linked into VENV/bin. No
 # service is installed, enabled or started, and nothing outside VENV changes except apt's package
-# lists (apt-get update, with sudo when not root). openssl, when missing, is installed with apt-get
-# (it has no service). ENSURE_TOOLS_LOCAL=1 takes the Prometheus tools from the packages even when
-# the system has them.
+# lists (apt-get update, with sudo when not root) and, when the system has no Alertmanager
+# templates, a symlink /usr/share/prometheus/alertmanager to the unpacked ones (Debian's
+# Alertmanager reads its default templates from there, not from its binary). openssl, when
+# missing, is installed with apt-get (it has no service). ENSURE_TOOLS_LOCAL=1 takes the
+# Prometheus tools from the packages even when the system has them.
 #
 # Usage: scripts/ensure-tools.sh [VENV]   (default .venv)
 set -euo pipefail
@@ -59,5 +61,12 @@ for bin in prometheus promtool prometheus-alertmanager amtool; do
 done
 if [ -x "$venv/bin/prometheus-alertmanager" ]; then
   ln -sf "$root/usr/bin/prometheus-alertmanager" "$venv/bin/alertmanager"
+fi
+templates=/usr/share/prometheus/alertmanager
+if [ -e "$root$templates/default.tmpl" ] && [ ! -e "$templates/default.tmpl" ] \
+  && { [ -L "$templates" ] || [ ! -e "$templates" ]; }; then
+  $sudo mkdir -p "$(dirname "$templates")"
+  $sudo ln -sfn "$root$templates" "$templates"
+  echo "ensure-tools: $templates -> $root$templates (Alertmanager's default templates)" >&2
 fi
 echo "ensure-tools: $(ls "$venv/bin" | grep -E '^(prometheus|promtool|alertmanager|prometheus-alertmanager|amtool)$' | tr '\n' ' ')in $venv/bin" >&2

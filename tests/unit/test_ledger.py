@@ -991,3 +991,26 @@ def test_a_quiet_project_sweeps_from_the_floor_when_it_costs_no_page_more() -> N
     due = ledger.state.cursor + CURSOR_SAFETY + cadence.sweep_period
     assert ledger.plan(due - 1).created_after > ledger.state.floor  # between sweeps: the head
     assert ledger.plan(due).created_after == ledger.state.floor  # a sweep: from the floor
+
+
+def test_the_whole_state_as_one_commit_holds_every_part() -> None:
+    """What a backfill seeds: the ledger's state as a delta that a store commits in one go."""
+    ledger = new_ledger()
+    poll(ledger, T0 + 10, msg("p", "sent", T0 + 2), msg("s", "delivered", T0 + 3))
+    poll(ledger, T0 + 20, msg("f", "failed", T0 + 4, error_code="30003", error_message="Gone"))
+    delta = ledger.state.as_delta()
+    state = ledger.state
+    assert delta.cursor == state.cursor
+    assert delta.totals == state.totals
+    assert delta.by_country == state.by_country and delta.by_group == state.by_group
+    assert delta.error_info == state.error_info == {"30003": "Gone"}
+    assert delta.settled_ids == {"s": (T0 // 60 + 1) * 60, "f": (T0 // 60 + 1) * 60}
+    assert list(delta.pending_upserts) == ["p"]
+    pending = delta.pending_upserts["p"]
+    assert pending.message == msg("p", "sent", T0 + 2)
+    assert pending.observed_at == T0 + 10
+    # Applied to a fresh ledger, it is the same state.
+    other = new_ledger()
+    other.apply(delta)
+    assert other.state.totals == state.totals
+    assert set(other.state.pending) == {"p"} and set(other.state.settled) == {"s", "f"}

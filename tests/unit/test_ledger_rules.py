@@ -717,3 +717,24 @@ def test_a_message_s_labels_are_its_direction_kind_and_status() -> None:
     labels = new_ledger().state.label_values()
     assert labels.map("inbound", "mms", "sent") == ("inbound", "mms", "sent")
     assert labels.map("dir0", "kind0", "new0") == ("dir0", "kind0", "new0")
+
+
+def test_a_late_settlement_under_a_first_sight_label_set_leaves_the_batch_as_it_was() -> None:
+    """A status made final by a changed configuration: one message settles with it at first sight,
+    another past its timeout (404) in the same poll: both counted, and closing twice is the same."""
+    before = new_ledger()
+    poll(before, T0 + 10, msg("a", "sent"), msg("b", "sent"))
+    settle = SettleConfig(
+        timeout=TIMEOUT, final_statuses=frozenset({"delivered", "sent"}), final_statuses_by_kind={}
+    )
+    rules = Rules(settle, 10.0, 900.0, 50, 1000)
+    state = copy.deepcopy(before.state)
+    ledger = Ledger(rules, state)
+    now = CREATED + TIMEOUT + 50
+    batch = ledger.begin(ledger.plan(now))
+    batch.observe(msg("a", "sent"), now)
+    batch.gone("b")
+    first, second = batch.close(now, now), batch.close(now, now)
+    assert counts(first.totals) == {("outbound-api", "sms", "sent", ""): 2}
+    assert first.totals == second.totals and first.by_country == second.by_country
+    assert first.settled_by_timeout == second.settled_by_timeout == 1

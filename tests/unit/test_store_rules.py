@@ -668,3 +668,28 @@ def test_a_commit_stands_when_the_wal_index_cannot_be_read(path: str) -> None:
     finally:
         store.close()
     assert load(path).totals == {KEY: Totals(2)}
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["first-start", "restart"])
+def test_a_pending_message_s_whole_record_is_read_from_the_file(path: str, started: bool) -> None:
+    """The ledger keeps less of a pending message than its record: the record is the file's."""
+    if started:
+        store = Store(path)
+        store.load("production", NOW, 0.0)
+        store.close()
+    store = Store(path)
+    try:
+        state = store.load("production", NOW, 0.0)
+        first = PollDelta(cursor=NOW, pending_upserts={"a": Pending(message("a", NOW - 50), NOW)})
+        store.commit("production", first)
+        state.pending.put(first.pending_upserts["a"].message, NOW)
+        newer = message("a", NOW - 50, "queued")
+        store.commit(
+            "production", PollDelta(cursor=NOW, pending_upserts={"a": Pending(newer, NOW)})
+        )
+        assert state.pending.record("a") == newer  # not kept in memory: read from the file
+        assert state.pending.record("b") is None
+        assert store.pending_record("production", "b") is None
+        assert store.pending_record("staging", "a") is None
+    finally:
+        store.close()

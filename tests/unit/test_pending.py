@@ -336,3 +336,37 @@ def test_a_settled_table_that_empties_is_rebuilt() -> None:
     other = SettledIds()
     other.update({f"s{i}": T0 + i for i in range(2400, 3000)})
     assert settled == other and settled != {}
+
+
+def test_messages_of_one_label_set_share_it_and_each_is_still_the_same() -> None:
+    pending = PendingSet()
+    pending.put(msg("a"), T0)
+    pending.put(msg("b"), T0)
+    assert pending.same(msg("a")) and pending.same(msg("b"))
+
+
+def test_removing_one_of_a_minute_s_messages_leaves_the_others_counted() -> None:
+    pending = PendingSet()
+    minute = int(T0 // MINUTE)
+    pending.put(msg("a", created=T0 + 5), T0)
+    pending.put(msg("b", created=T0 + 6), T0)
+    pending.remove("a")
+    assert pending.minutes_by_labels == {("outbound-api", "sms", "sent"): {minute: 1}}
+    assert pending.counts == {("outbound-api", "sms", "sent"): 1}
+    assert [i for i, _ in pending.in_minute(minute)] == ["b"]
+    assert list(pending.in_minute(minute + 7)) == []  # a minute with none
+
+
+def test_a_message_seen_earlier_than_its_minute_s_bound_lowers_it() -> None:
+    pending = PendingSet()
+    minute = int(T0 // MINUTE)
+    pending.put(msg("a", created=T0 + 5), T0 + 100)
+    pending.seen("a", T0 + 20.5)
+    assert pending.seen_bound(minute) == T0 + 20
+
+
+def test_a_set_reading_records_from_the_file_forgets_a_removed_one() -> None:
+    pending = PendingSet(lambda message_id: msg(message_id))
+    pending.put(msg("a"), T0)
+    assert pending.remove("a")
+    assert pending.record("a") is None and len(pending) == 0

@@ -920,10 +920,9 @@ class Batch:
 
         for message_id, pending in self.seen.items():
             # Rule 2: past the timeout, settle with the status observed after the timeout.
+            # The others are new or changed (observe keeps only when of an unchanged one).
             if pending.observed_at >= pending.message.created_at + timeout:
                 settle_late(pending.message)
-            elif state.pending.same(pending.message):
-                delta.pending_seen[key_of(message_id)] = pending.observed_at  # nothing to write
             else:
                 delta.pending_upserts[message_id] = pending
         for message_id in self.gone_ids:

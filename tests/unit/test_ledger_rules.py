@@ -19,6 +19,7 @@ from exporter.ledger import (
     PollDelta,
     PollPlan,
     Rules,
+    Totals,
 )
 from exporter.pending import PendingSet
 from exporter.records import Message
@@ -736,5 +737,56 @@ def test_a_late_settlement_under_a_first_sight_label_set_leaves_the_batch_as_it_
     batch.gone("b")
     first, second = batch.close(now, now), batch.close(now, now)
     assert counts(first.totals) == {("outbound-api", "sms", "sent", ""): 2}
+    both = Totals(2, 2, 8_000_000)  # each message 1 segment, $0.004
+    assert first.by_country == {("outbound-api", "sms", "sent", "unknown"): both}
+    assert first.by_group == {("outbound-api", "sms", "sent", "ungrouped"): both}
     assert first.totals == second.totals and first.by_country == second.by_country
     assert first.settled_by_timeout == second.settled_by_timeout == 1
+
+
+def observed_in_order(ledger: Ledger, *observations: tuple[Message, float]) -> PollDelta:
+    now = max(at for _, at in observations)
+    batch = ledger.begin(ledger.plan(now))
+    for message, at in observations:
+        batch.observe(message, at)
+    return batch.close(now, now)
+
+
+def test_an_older_changed_observation_never_overrides_a_newer_unchanged_one() -> None:
+    ledger = with_pending(msg("a", "sent"))
+    delta = observed_in_order(ledger, (msg("a", "sent"), T0 + 30), (msg("a", "queued"), T0 + 20))
+    assert delta.pending_upserts == {} and delta.pending_seen == {"a": T0 + 30}
+
+
+def test_the_latest_observation_of_a_pending_message_wins_changed_or_not() -> None:
+    ledger = with_pending(msg("a", "sent"))
+    # Changed, then back to what is held: nothing to write, seen at the latest.
+    delta = observed_in_order(ledger, (msg("a", "queued"), T0 + 20), (msg("a", "sent"), T0 + 30))
+    assert delta.pending_upserts == {} and delta.pending_seen == {"a": T0 + 30}
+    # Unchanged, then changed: the change is written, and it is not only "seen".
+    delta = observed_in_order(ledger, (msg("a", "sent"), T0 + 20), (msg("a", "queued"), T0 + 30))
+    assert delta.pending_seen == {}
+    assert {i: p.message.status for i, p in delta.pending_upserts.items()} == {"a": "queued"}
+    # Unchanged, then settled: settled only.
+    delta = observed_in_order(ledger, (msg("a", "sent"), T0 + 20), (msg("a", "delivered"), T0 + 30))
+    assert delta.pending_seen == {} and set(delta.settled_ids) == {"a"}
+
+
+def test_an_unchanged_message_observed_exactly_at_its_timeout_settles_in_that_poll() -> None:
+    ledger = with_pending(msg("a", "sent"))
+    delta = close(ledger, CREATED + TIMEOUT, msg("a", "sent"))
+    assert counts(delta.totals) == {("outbound-api", "sms", "sent", ""): 1}
+    assert delta.settled_by_timeout == 1 and delta.pending_seen == {}
+
+
+def test_a_message_settled_by_timeout_counts_under_its_number_group_and_in_full() -> None:
+    settle = SettleConfig(timeout=TIMEOUT, final_statuses=FINAL)
+    rules = Rules(settle, 10.0, 60.0, 3, 1000, number_groups={"+15551230000": "otp"})
+    ledger = Ledger(rules, LedgerState(start_point=T0, cursor=T0))
+    pending = Message(
+        "a", CREATED, "outbound-api", "sms", "sent", "", None, 2, 7, "", "+15551230000"
+    )
+    poll(ledger, T0 + 10, pending)
+    delta = close(ledger, CREATED + TIMEOUT + 5, pending)
+    assert delta.by_group == {("outbound-api", "sms", "sent", "otp"): Totals(1, 2, 7)}
+    assert delta.by_country == {("outbound-api", "sms", "sent", "unknown"): Totals(1, 2, 7)}

@@ -491,20 +491,31 @@ class Ledger:
         after a burst of receipts): a listing of their range when it takes fewer requests than
         getting each; else the most overdue by id, MIDDLE_GETS_PER_POLL a poll, unless a listing
         of this poll covers them anyway."""
-        if tiers.recent and not tiers.recent_due and not self._receipt_burst:
+        # Only where pending messages are most of what was created (a receipt outage, not the
+        # trickle of never-receipted ones of a busy day) is a listing or a burst worth its pages.
+        dense = self._dense(tiers.middle_minutes)
+        burst = self._receipt_burst and dense
+        if tiers.recent and not tiers.recent_due and not burst:
             return
-        if not tiers.middle:
-            self._probe_middle(tiers, choice, now)
+        middle = tiers.middle if burst else [x for x in tiers.middle if x[0] >= 1.0]
+        if not middle:
+            if dense:
+                self._probe_middle(tiers, choice, now)
             return
-        due = [pair for _, pair in tiers.middle if not choice.covers(pair[1].created_at)]
-        if due and self._range_pages(due) < len(due):
+        due = [pair for _, pair in middle if not choice.covers(pair[1].created_at)]
+        if due and dense and self._range_pages(due) < len(due):
             self._list_or_get(due, choice, len(due))
             return
         for _, (message_id, entry) in heapq.nlargest(
-            MIDDLE_GETS_PER_POLL, tiers.middle, key=itemgetter(0)
+            MIDDLE_GETS_PER_POLL, middle, key=itemgetter(0)
         ):
             if not choice.covers(entry.created_at):
                 choice.gets.append(message_id)
+
+    def _dense(self, minutes: set[int]) -> bool:
+        """Whether pending messages are at least half the records created in `minutes`."""
+        held = sum(self.state.pending.count_in(m) for m in minutes)
+        return held > 0 and held * 2 >= sum(self._histogram.get(m, 0) for m in minutes)
 
     def _probe_middle(self, tiers: _Tiers, choice: _Choice, now: float) -> None:
         """With none of the middle tier due but many of them (a listing of their minutes would

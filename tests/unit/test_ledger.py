@@ -567,11 +567,22 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
             ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
         else:
             gets += sorted(refreshed)
+    minutes = {int(p.created_at // 60) for _, (_, p) in middle}
+    minutes |= {
+        int(p.created_at // 60)
+        for _, p in state.pending.items()
+        if p.created_at < min(head, now - cadence.recent_age) and p.created_at + timeout > now
+    }
+    held = sum(int(p.created_at // 60) in minutes for _, p in state.pending.items())
+    dense = held > 0 and held * 2 >= sum(ledger._histogram.get(m, 0) for m in minutes)
+    burst = burst and dense
+    if not burst:
+        middle = [x for x in middle if x[0] >= 1.0]
     if middle and (recent_due or not recent or burst):
         due = [(i, p) for _, (i, p) in middle if not covered(p.created_at)]
         low = min((p.created_at for _, p in due), default=0.0)
         high = max((p.created_at for _, p in due), default=0.0)
-        if due and ledger._pages(low, high) < len(due):
+        if due and dense and ledger._pages(low, high) < len(due):
             # A listing of their range takes fewer requests than getting each.
             ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
         else:
@@ -579,7 +590,7 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
             for _, (message_id, pending) in middle[:MIDDLE_GETS_PER_POLL]:
                 if not covered(pending.created_at):
                     gets.append(message_id)
-    elif recent_due or not recent or burst:
+    elif (recent_due or not recent or burst) and dense:
         # None of the middle tier due: a probe, the one seen longest ago, if it has waited.
         probes = [
             (p.observed_at, p.created_at, i)
@@ -1014,3 +1025,18 @@ def test_the_whole_state_as_one_commit_holds_every_part() -> None:
     other.apply(delta)
     assert other.state.totals == state.totals
     assert set(other.state.pending) == {"p"} and set(other.state.settled) == {"s", "f"}
+
+
+def test_old_pending_messages_that_are_a_small_share_of_their_range_are_got_not_listed() -> None:
+    """A busy day's never-receipted messages: more of them than pages, but few of the records."""
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=100)
+    now = T0 + 5000
+    old = [msg(f"m{i}", "sent", now - 3600 - i) for i in range(30)]
+    settled = [msg(f"s{i}", "delivered", now - 3600 - i * 0.1) for i in range(300)]
+    poll(ledger, T0 + 10, *old, *settled)
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    for m in old:
+        aged(ledger, m.id, 1000, now)  # all due
+    plan = ledger.plan(now)
+    assert len(plan.listings) == 1  # no listing of their range (4 pages, for 30 of 330 records)
+    assert len(plan.get_ids) == 1  # the most overdue one, as for any trickle

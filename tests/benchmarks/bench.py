@@ -55,9 +55,9 @@ from exporter.simulator import (
 from exporter.store import Store
 from exporter.views import CounterState, ProjectView
 from tests.benchmarks.pending import POLL as PENDING_POLL
-from tests.benchmarks.pending import pending_set
+from tests.benchmarks.pending import peak_rss_mb, pending_set
 from tests.benchmarks.profile import DayProfile, populate
-from tests.helpers import exported_totals, parse_metrics, pending_total, process_family
+from tests.helpers import exported_totals, parse_metrics, pending_total
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://simulator.invalid"
@@ -280,16 +280,6 @@ def spawn_daemon(config: Path, port: int) -> subprocess.Popen[bytes]:
          "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak RSS of the daemon and its polling process together (each one's VmHWM, summed)."""
-    peak_kb = 0
-    for member in process_family(pid):
-        for line in Path(f"/proc/{member}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peak_kb += int(line.split()[1])
-    return peak_kb / 1024
 
 
 def daemon_start(result: DayResult, workdir: Path) -> tuple[float, float]:

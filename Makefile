@@ -49,8 +49,15 @@ soak: $(STAMP)
 
 # Mutation testing of the counting core, each module against its own unit tests, one worker
 # (docs/mutation.md). MUTATE_FLAGS: module names to run only those, --fresh to start over.
-mutate: $(STAMP)
-	$(BIN)/python scripts/mutate.py $(MUTATE_FLAGS)
+MUTATE_VENV := .venv-mutate
+$(MUTATE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(MUTATE_VENV)
+	$(MUTATE_VENV)/bin/pip install --quiet --upgrade pip
+	$(MUTATE_VENV)/bin/pip install --quiet -e '.[dev,mutate]'
+	touch $@
+
+mutate: $(MUTATE_VENV)/.installed
+	$(MUTATE_VENV)/bin/python scripts/mutate.py $(MUTATE_FLAGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* .mutation mutants
+	rm -rf $(VENV) $(MUTATE_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* .mutation mutants

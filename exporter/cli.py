@@ -15,8 +15,6 @@ from typing import NoReturn
 import structlog
 
 from exporter import __version__
-from exporter.backfill import BackfillError, parse_label, parse_time, run_backfill
-from exporter.client import ApiError, Client, RetryPolicy
 from exporter.config import (
     Config,
     ConfigError,
@@ -27,7 +25,6 @@ from exporter.config import (
 )
 from exporter.daemon import Exporter, FatalError
 from exporter.logs import LEVELS, configure, redact_tokens, scrub
-from exporter.store import StateError, state_path_problem
 from exporter.webconfig import WebConfig, load_web_config
 
 COMMANDS = ("run", "check", "demo", "backfill")
@@ -140,7 +137,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+# The backfill, the API client and the state file are imported where a command uses them: the
+# daemon's serving process needs none of them (and stays smaller without).
+
+
 def _time(text: str) -> str:
+    from exporter.backfill import parse_time
+
     try:
         parse_time(text, time.time())
     except ValueError as exc:
@@ -159,6 +162,8 @@ def _step(text: str) -> float:
 
 
 def _label(text: str) -> tuple[str, str]:
+    from exporter.backfill import parse_label
+
     try:
         return parse_label(text)
     except ValueError as exc:
@@ -262,6 +267,9 @@ def _load(config_file: str) -> Config:
 
 
 def _backfill(options: argparse.Namespace) -> int:
+    from exporter.backfill import BackfillError, run_backfill
+    from exporter.store import StateError
+
     config = _load(options.config_file)
     try:
         return run_backfill(
@@ -300,7 +308,7 @@ def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> i
             on_started()
         while not stopping.wait(1.0):
             exporter.check()
-    except (FatalError, StateError) as exc:
+    except FatalError as exc:
         log.error("stopping on a fatal error" if started else "cannot start", error=str(exc))
         print(_one_line(f"{PROG}: {scrub(str(exc))}"), file=sys.stderr)
         exporter.shutdown()
@@ -313,6 +321,9 @@ def serve(exporter: Exporter, on_started: Callable[[], None] | None = None) -> i
 
 
 def _check(config_file: str) -> int:
+    from exporter.client import ApiError, Client, RetryPolicy
+    from exporter.store import state_path_problem
+
     config = _load(config_file)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -33,7 +33,6 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from exporter.catchup import Windows
@@ -42,10 +41,10 @@ from exporter.countries import UNKNOWN, country_of
 from exporter.pending import (
     MINUTE,
     Key,
-    PendingEntry,
     PendingSet,
     SettledIds,
     as_key,
+    id_of,
     key_of,
 )
 from exporter.records import Message
@@ -91,6 +90,10 @@ HISTOGRAM_BUCKET = 60
 # where that takes fewer requests than gets.
 BURST_RECEIPTS = 100
 BURST_SHARE = 0.1
+# A listing that refreshes older pending messages re-lists about this many records at most (the
+# oldest due first; the others wait for the next polls): what a poll holds stays bounded whatever
+# the pending set, as a catch-up step's does.
+REFRESH_RECORDS = 50_000
 
 
 @dataclass(slots=True)
@@ -205,6 +208,7 @@ class Rules:
     max_countries: int = 60
     number_groups: Mapping[str, str] = field(default_factory=dict)  # own number -> group name
     max_ingestion_delay: float = 600.0
+    refresh_records: int = REFRESH_RECORDS  # the most a refresh listing of older ones re-lists
 
     @classmethod
     def of(cls, config: Config) -> Rules:
@@ -274,21 +278,57 @@ class PollDelta:
         return len(self.settled_ids)
 
 
-Due = tuple[str, PendingEntry]  # a pending message due for a refresh: its id and what is kept
+@dataclass(slots=True)
+class _Tiers:
+    """Pending messages due for a refresh, sorted by tier for one poll's plan. Only keys and
+    bounds are kept: a burst can make hundreds of thousands due at once."""
+
+    recent_since: float
+    head: float = math.inf  # where the head listing starts: the tiers are below it
+    recent: list[Key] = field(default_factory=list)
+    recent_oldest: float = math.inf  # created_at of the oldest of them
+    recent_due: bool = False  # one of them has waited the recent tier's period
+    timed_out: list[Key] = field(default_factory=list)
+    timed_out_span: tuple[float, float] = (math.inf, -math.inf)  # their created_at, lowest, highest
+    timeout_due: bool = False  # the first of them has waited the timeout tier's period
+    middle_minutes: set[int] = field(default_factory=set)  # the minutes holding the middle tier
+
+    def in_middle(self, created_at: float, now: float, timeout: float) -> bool:
+        """Whether a pending message created then is in the middle tier."""
+        return (
+            created_at < self.recent_since
+            and created_at < self.head
+            and (created_at + timeout > now)
+        )
 
 
 @dataclass(slots=True)
-class _Tiers:
-    """Pending messages due for a refresh, sorted by tier for one poll's plan."""
+class _MiddleDue:
+    """The middle tier's messages due this poll: per minute of creation, the count and bounds of
+    those no listing of the plan covers yet; and the most overdue, covered or not (the first
+    found among equals)."""
 
-    recent_since: float
-    recent: list[Due] = field(default_factory=list)
-    recent_due: bool = False  # one of them has waited the recent tier's period
-    timed_out: list[Due] = field(default_factory=list)
-    timeout_due: bool = False  # the first of them has waited the timeout tier's period
-    middle: list[tuple[float, Due]] = field(default_factory=list)  # (overdue, message)
-    head: float = math.inf  # where the head listing starts: the tiers are below it
-    middle_minutes: set[int] = field(default_factory=set)  # the minutes holding the middle tier
+    found: int = 0
+    minutes: dict[int, list[float]] = field(default_factory=dict)  # minute -> [count, lo, hi]
+    most_overdue: list[tuple[float, int, Key, float]] = field(default_factory=list)  # a heap
+
+    def add(self, key: Key, created_at: float, overdue: float, covered: bool) -> None:
+        self.found += 1
+        item = (overdue, -self.found, key, created_at)
+        if len(self.most_overdue) < MIDDLE_GETS_PER_POLL:
+            heapq.heappush(self.most_overdue, item)
+        elif item > self.most_overdue[0]:
+            heapq.heapreplace(self.most_overdue, item)
+        if covered:
+            return
+        minute = int(created_at // MINUTE)
+        bounds = self.minutes.get(minute)
+        if bounds is None:
+            self.minutes[minute] = [1, created_at, created_at]
+        else:
+            bounds[0] += 1
+            bounds[1] = min(bounds[1], created_at)
+            bounds[2] = max(bounds[2], created_at)
 
 
 @dataclass(slots=True)
@@ -405,14 +445,17 @@ class Ledger:
         )
 
     def _tiers(self, now: float, head: float, cadence: Schedule) -> _Tiers:
-        """The pending messages due for a refresh, by tier (those the head listing sees aside).
+        """The pending messages due for a refresh in the recent and timeout tiers, and the
+        minutes holding the middle tier (those the head listing sees aside).
 
         Pending messages are indexed by minute of creation, so whole minutes the head listing
-        covers, or in the middle tier with none due yet, are passed over at once."""
+        covers, or wholly in the middle tier, are passed over at once."""
         interval, timeout = self.rules.poll_interval, self.rules.settle.timeout
         tiers = _Tiers(recent_since=now - cadence.recent_age, head=head)
-        min_wait = cadence.recent_every * interval
         pending = self.state.pending
+        # Batch the timeout tier: wait until the first has been due a few polls.
+        timeout_wait = timeout + (cadence.timeout_every - 1) * interval
+        recent_wait = (cadence.recent_every - 0.5) * interval
         for minute in pending.minutes():
             minute_start = minute * MINUTE
             minute_end = minute_start + MINUTE
@@ -421,96 +464,114 @@ class Ledger:
                     continue  # the head listing sees them all (the common case)
                 if minute_end <= tiers.recent_since and minute_end <= head:
                     tiers.middle_minutes.add(minute)
-                    self._middle_minute(minute, now, min_wait, tiers)
                     continue
-            for due in pending.in_minute(minute):
-                entry = due[1]
-                created = entry.created_at
-                unseen = now - entry.observed_at
+            for key, created, observed in pending.scan(minute):
+                unseen = now - observed
                 if created + timeout <= now:
-                    tiers.timed_out.append(due)
-                    # Batch the timeout tier: wait until the first has been due a few polls.
-                    waited = (cadence.timeout_every - 1) * interval
-                    tiers.timeout_due |= created + timeout + waited <= now
+                    tiers.timed_out.append(key)
+                    low, high = tiers.timed_out_span
+                    tiers.timed_out_span = (min(low, created), max(high, created))
+                    tiers.timeout_due |= created + timeout_wait <= now
                 elif created >= head:
                     continue  # the head listing sees it
                 elif created >= tiers.recent_since:
                     if unseen >= interval * 0.5:
-                        tiers.recent.append(due)
-                    tiers.recent_due |= unseen >= (cadence.recent_every - 0.5) * interval
+                        tiers.recent.append(key)
+                        tiers.recent_oldest = min(tiers.recent_oldest, created)
+                    tiers.recent_due |= unseen >= recent_wait
                 else:
                     tiers.middle_minutes.add(minute)
-                    wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
-                    if unseen >= wait or self._receipt_burst:
-                        tiers.middle.append((unseen / wait, due))
         return tiers
-
-    def _middle_minute(self, minute: int, now: float, min_wait: float, tiers: _Tiers) -> None:
-        """A minute wholly in the middle tier: the same test as in _tiers without the tier
-        checks, and none of it when even the longest unseen is not due yet (unless a burst of
-        receipts makes every one due)."""
-        pending = self.state.pending
-        burst = self._receipt_burst
-        shortest_wait = max((now - (minute + 1) * MINUTE) / MIDDLE_AGE_DIVISOR, min_wait)
-        if not burst and now - pending.seen_bound(minute) < shortest_wait:
-            return
-        least_seen = math.inf
-        for due in pending.in_minute(minute):
-            entry = due[1]
-            observed = entry.observed_at
-            if observed < least_seen:
-                least_seen = observed
-            unseen = now - observed
-            wait = max((now - entry.created_at) / MIDDLE_AGE_DIVISOR, min_wait)
-            if unseen >= wait or burst:
-                tiers.middle.append((unseen / wait, due))
-        pending.set_seen_bound(minute, least_seen)  # exact again
 
     def _refresh_recent(self, tiers: _Tiers, choice: _Choice, horizon: float) -> None:
         """The recent tier, when due: the head listing from its oldest (a sweep too), or gets,
         whichever takes fewer requests."""
         if not (tiers.recent_due and tiers.recent):
             return
-        oldest = min(entry.created_at for _, entry in tiers.recent)
+        oldest = tiers.recent_oldest
         extra = self._pages(oldest, None) - self._pages(choice.head_after, None)
         if extra < len(tiers.recent):
             choice.head_after = min(oldest - LISTING_SLACK, horizon)
         else:
-            choice.gets += [message_id for message_id, _ in tiers.recent]
+            choice.gets += map(id_of, tiers.recent)
 
     def _refresh_timed_out(self, tiers: _Tiers, choice: _Choice) -> None:
         """Messages past settle.timeout, when a batch is due: within the head listing's reach,
         a listing of their range, or gets, whichever takes fewer requests."""
         if not (tiers.timeout_due and tiers.timed_out):
             return
-        choice.timeout_due = frozenset(message_id for message_id, _ in tiers.timed_out)
-        self._list_or_get(tiers.timed_out, choice, len(tiers.timed_out))
+        ids = [id_of(key) for key in tiers.timed_out]
+        choice.timeout_due = frozenset(ids)
+        low, high = tiers.timed_out_span
+        if high >= choice.head_after:
+            choice.head_after = min(choice.head_after, low - LISTING_SLACK)
+        elif self._pages(low, high) < len(ids):
+            choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+        else:
+            choice.gets += sorted(ids)
 
     def _refresh_middle(self, tiers: _Tiers, choice: _Choice, now: float) -> None:
         """The middle tier's due messages, on the recent tier's polls (or when it has none, or
-        after a burst of receipts): a listing of their range when it takes fewer requests than
-        getting each; else the most overdue by id, MIDDLE_GETS_PER_POLL a poll, unless a listing
-        of this poll covers them anyway."""
+        after a burst of receipts): a listing of the oldest ones' range (up to
+        rules.refresh_records re-listed) when it takes fewer requests than getting each; else
+        the most overdue by id, MIDDLE_GETS_PER_POLL a poll, unless a listing of this poll
+        covers them anyway."""
         # Only where pending messages are most of what was created (a receipt outage, not the
         # trickle of never-receipted ones of a busy day) is a listing or a burst worth its pages.
         dense = self._dense(tiers.middle_minutes)
         burst = self._receipt_burst and dense
         if tiers.recent and not tiers.recent_due and not burst:
             return
-        middle = tiers.middle if burst else [x for x in tiers.middle if x[0] >= 1.0]
-        if not middle:
+        due = self._middle_due(tiers, choice, now, burst)
+        if not due.found:
             if dense:
                 self._probe_middle(tiers, choice, now)
             return
-        due = [pair for _, pair in middle if not choice.covers(pair[1].created_at)]
-        if due and dense and self._range_pages(due) < len(due):
-            self._list_or_get(due, choice, len(due))
-            return
-        for _, (message_id, entry) in heapq.nlargest(
-            MIDDLE_GETS_PER_POLL, middle, key=itemgetter(0)
-        ):
-            if not choice.covers(entry.created_at):
-                choice.gets.append(message_id)
+        if dense and due.minutes:
+            low, high, count = self._oldest_within_cap(due.minutes)
+            if self._pages(low, high) < count:
+                choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+                return
+        for _, _, key, created in sorted(due.most_overdue, reverse=True):
+            if not choice.covers(created):
+                choice.gets.append(id_of(key))
+
+    def _middle_due(self, tiers: _Tiers, choice: _Choice, now: float, burst: bool) -> _MiddleDue:
+        """The middle tier's messages due for a refresh: each once it has waited a quarter of
+        its age (at least the recent tier's period), every one after a burst of receipts.
+        Minutes where even the one seen longest ago has not waited that long are skipped."""
+        pending = self.state.pending
+        timeout = self.rules.settle.timeout
+        min_wait = self.schedule().recent_every * self.rules.poll_interval
+        due = _MiddleDue()
+        for minute in sorted(tiers.middle_minutes):
+            shortest_wait = max((now - (minute + 1) * MINUTE) / MIDDLE_AGE_DIVISOR, min_wait)
+            if not burst and now - pending.seen_bound(minute) < shortest_wait:
+                continue
+            least_seen = math.inf
+            for key, created, observed in pending.scan(minute):
+                least_seen = min(least_seen, observed)
+                if not tiers.in_middle(created, now, timeout):
+                    continue
+                unseen = now - observed
+                wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
+                if burst or unseen >= wait:
+                    due.add(key, created, unseen / wait, choice.covers(created))
+            pending.set_seen_bound(minute, least_seen)  # exact again
+        return due
+
+    def _oldest_within_cap(self, minutes: dict[int, list[float]]) -> tuple[float, float, int]:
+        """The oldest due messages whose range a listing re-lists in at most
+        rules.refresh_records records (a minute's at least): lowest and highest created_at, and
+        how many."""
+        cap = max(1, self.rules.refresh_records // self.rules.page_size)
+        low, high, count = math.inf, -math.inf, 0
+        for minute in sorted(minutes):
+            n, lo, hi = minutes[minute]
+            if count and self._pages(low, hi) > cap:
+                break
+            low, high, count = min(low, lo), hi, count + int(n)
+        return low, high, count
 
     def _dense(self, minutes: set[int]) -> bool:
         """Whether pending messages are at least half the records created in `minutes`."""
@@ -537,36 +598,18 @@ class Ledger:
             if best is not None and bound >= best[0]:
                 break
             least = math.inf
-            for message_id, entry in pending.in_minute(minute):
-                least = min(least, entry.observed_at)
-                created = entry.created_at
-                if not (created < tiers.recent_since and created < tiers.head):
-                    continue  # not in the middle tier
-                if created + self.rules.settle.timeout <= now:
+            for key, created, observed in pending.scan(minute):
+                least = min(least, observed)
+                if not tiers.in_middle(created, now, self.rules.settle.timeout):
                     continue
-                candidate = (entry.observed_at, created, message_id)
+                if best is not None and (observed, created) > best[:2]:
+                    continue
+                candidate = (observed, created, id_of(key))
                 if best is None or candidate < best:
                     best = candidate
             pending.set_seen_bound(minute, least)
         if best is not None and now - best[0] >= min_wait and not choice.covers(best[1]):
             choice.gets.append(best[2])
-
-    def _range_pages(self, due: list[Due]) -> int:
-        return self._pages(
-            min(entry.created_at for _, entry in due), max(entry.created_at for _, entry in due)
-        )
-
-    def _list_or_get(self, due: list[Due], choice: _Choice, gets: int) -> None:
-        """Refresh `due`: by extending the head listing when their range reaches it, else by a
-        listing of their range or by `gets` gets, whichever takes fewer requests."""
-        low = min(entry.created_at for _, entry in due)
-        high = max(entry.created_at for _, entry in due)
-        if high >= choice.head_after:
-            choice.head_after = min(choice.head_after, low - LISTING_SLACK)
-        elif self._pages(low, high) < gets:
-            choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
-        else:
-            choice.gets += sorted(message_id for message_id, _ in due)
 
     def _pages(self, since: float, until: float | None) -> int:
         """Pages a listing of [since, until] takes, from the first sightings per minute."""

@@ -23,8 +23,8 @@ import exporter.cli as cli
 from exporter import __version__
 from exporter.cli import COMMANDS, _parser
 from exporter.config import Config, ListenAddress
+from exporter.daemon import FatalError
 from exporter.simulator import Simulator, SimulatorServer
-from exporter.store import StateError
 
 GOOD_ID, GOOD_TOKEN = "pid-good", "PTgood-token-0123456789"
 BAD_ID, RIGHT_TOKEN, WRONG_TOKEN = "pid-bad", "PTright-token-abcdef", "PTwrong-token-fedcba"
@@ -429,8 +429,9 @@ def test_serve_exits_0_after_sigterm(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_serve_exits_1_on_a_state_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # The polling process reports the state file's errors; the daemon raises them as fatal.
     def refuse() -> None:
-        raise StateError("state file x.db: cannot be read\n(file is not a database)")
+        raise FatalError("state file x.db: cannot be read\n(file is not a database)")
 
     exporter = ScriptedExporter(refuse)
     assert cli.serve(exporter) == 1  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import random
 
 import pytest
@@ -581,6 +582,13 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     if middle and (recent_due or not recent or burst):
         due = [(i, p) for _, (i, p) in middle if not covered(p.created_at)]
         low = min((p.created_at for _, p in due), default=0.0)
+        # The oldest due whose range takes at most refresh_records records (a minute at least).
+        cap = max(1, rules.refresh_records // rules.page_size)
+        due = [
+            (i, p)
+            for i, p in due
+            if int(p.created_at // 60) == int(low // 60) or ledger._pages(low, p.created_at) <= cap
+        ]
         high = max((p.created_at for _, p in due), default=0.0)
         if due and dense and ledger._pages(low, high) < len(due):
             # A listing of their range takes fewer requests than getting each.
@@ -609,7 +617,11 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
 @pytest.mark.parametrize("seed", range(40))
 def test_the_plan_agrees_with_the_tiers_message_by_message(seed: int) -> None:
     rng = random.Random(seed)
-    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=rng.choice([5, 50]))
+    ledger = new_ledger(
+        settle=SettleConfig(timeout=7200.0),
+        page_size=rng.choice([5, 50]),
+        refresh_records=rng.choice([50_000, 20, 100]),
+    )
     now = T0 + 20000
     spread = rng.choice([120.0, 900.0, 9000.0])
     for step in range(rng.randrange(1, 8)):
@@ -624,8 +636,9 @@ def test_the_plan_agrees_with_the_tiers_message_by_message(seed: int) -> None:
         poll(ledger, now - rng.random() * spread, *messages)
         for message_id in rng.sample(sorted(ledger.state.pending), len(ledger.state.pending) // 3):
             aged(ledger, message_id, rng.random() * spread, now)
-    for cursor in (now - 30, now - rng.random() * spread, T0):
+    for cursor, burst in itertools.product((now - 30, now - rng.random() * spread, T0), (0, 1)):
         ledger.state.cursor = cursor
+        ledger._receipt_burst = bool(burst)  # as after a poll that settled many by receipts
         for at in (now, now + rng.random() * 3000):
             plan, expected = ledger.plan(at), reference_plan(ledger, at)
             assert (plan.listings, plan.horizon, plan.timeout_due) == (

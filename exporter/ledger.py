@@ -384,7 +384,9 @@ class Ledger:
             return None
         horizon = self.state.cursor - LISTING_SLACK
         floor = self.state.floor  # from where records may still be new (late ones)
-        start = min(horizon, floor)
+        # Within max_ingestion_delay of now, listing each step from the floor would re-list the
+        # same stretch again and again: only as a late sweep, or where it costs no more pages.
+        start = floor if self._from_floor(now, self.schedule(), end, sweep=True) else horizon
         return PollPlan(now, ((start, end),), horizon, (), frozenset(), window_end=end, floor=floor)
 
     def schedule(self) -> Schedule:
@@ -409,20 +411,26 @@ class Ledger:
         head listing."""
         state = self.state
         horizon = state.cursor - LISTING_SLACK
-        floor = state.floor
         last = self._last_head
         sweep = last is None or now - state.cursor >= CURSOR_SAFETY + cadence.sweep_period
-        if floor < horizon:
-            late = now - self.rules.max_ingestion_delay - state.complete_until
-            if late >= cadence.late_sweep_period:
-                return floor
-            # A sweep that takes no more pages from the floor (a quiet project) goes from there.
-            if sweep and self._pages(floor, None) <= self._pages(horizon, None):
-                return floor
+        if self._from_floor(now, cadence, None, sweep):
+            return state.floor
         if sweep:
             return horizon
         assert last is not None
         return max(horizon, last - cadence.head_overlap)
+
+    def _from_floor(self, now: float, cadence: Schedule, until: float | None, sweep: bool) -> bool:
+        """Whether a listing up to `until` starts from the floor, below the cursor: when a late
+        sweep is due, or for a sweep that takes no more pages from there (a quiet project)."""
+        state = self.state
+        floor, horizon = state.floor, state.cursor - LISTING_SLACK
+        if floor >= horizon:
+            return False
+        late = now - self.rules.max_ingestion_delay - state.complete_until
+        if late >= cadence.late_sweep_period:
+            return True
+        return sweep and self._pages(floor, until) <= self._pages(horizon, until)
 
     def plan(self, now: float) -> PollPlan:
         """Decide this poll's listings and the pending messages to get by id (refresh tiers):
@@ -651,15 +659,17 @@ class Ledger:
         self._receipt_burst = len(delta.receipt_ages) >= max(
             BURST_RECEIPTS, BURST_SHARE * len(pending)
         ) or any(age >= recent_age for age in delta.receipt_ages)
-        removed = {as_key(ref) for ref in delta.pending_removed}
-        for ref in removed:
+        for ref in delta.pending_removed:
             pending.remove(ref)
         for message in delta.pending_upserts.values():
             pending.put(message.message, message.observed_at)
-        for ref, observed_at in delta.pending_seen.items():
-            if as_key(ref) not in removed:
-                pending.seen(ref, observed_at)
-        state.settled.update(delta.settled_ids)
+        if delta.pending_seen:
+            removed = {as_key(ref) for ref in delta.pending_removed}
+            for ref, observed_at in delta.pending_seen.items():
+                if as_key(ref) not in removed:
+                    pending.seen(ref, observed_at)
+        # Ids below the prune point would be forgotten at once: they are not taken in.
+        state.settled.update(delta.settled_ids, since=delta.prune_settled_before)
         state.settled.prune(delta.prune_settled_before)
         for key, inc in delta.totals.items():
             state.totals.setdefault(key, Totals()).add(inc)
@@ -780,7 +790,7 @@ class Batch:
         self.lateness = 0.0
         self._groups: dict[LabelKey, _Settled] = {}  # settled, by raw label set
         self._error_texts: dict[str, str] = {}  # raw error code -> latest settled error_message
-        self._settled_pending: list[Key] = []  # settled ones that were pending before this poll
+        self._settled_pending: set[Key] = set()  # settled ones that were pending before this poll
         self._sightings: dict[float, int] = {}  # created_at -> messages first seen in this poll
 
     def observe(self, message: Message, at: float) -> None:
@@ -858,7 +868,7 @@ class Batch:
         self.seen.pop(message_id, None)
         self.seen_again.pop(ref, None)
         if was_pending:
-            self._settled_pending.append(ref)
+            self._settled_pending.add(ref)
 
     def _pend(self, message: Message, ref: Key, at: float, was_pending: bool) -> None:
         """A record in a status that is not final: the message's latest observation."""
@@ -902,8 +912,10 @@ class Batch:
             head_started=listing_started if self.plan.window_end is None else None,
             receipt_ages=[now - self.settled[ref] for ref in self._settled_pending],
             new_messages=self.new_messages,
-            settled_ids=dict(self.settled),
-            pending_removed=set(self._settled_pending),
+            # The batch's own: copied by _settle_the_rest before it adds to them (a burst of
+            # receipts settles hundreds of thousands in a few polls: no copy of each).
+            settled_ids=self.settled,
+            pending_removed=self._settled_pending,
             pending_seen=dict(self.seen_again),
             sightings=dict(self._sightings),
         )
@@ -955,6 +967,9 @@ class Batch:
         copied: set[LabelKey] = set()
 
         def settle_late(message: Message) -> None:
+            if delta.settled_ids is self.settled:
+                delta.settled_ids = dict(self.settled)
+                delta.pending_removed = set(self._settled_pending)
             ref = key_of(message.id)
             delta.settled_ids[ref] = message.created_at
             if ref in state.pending.keys:

@@ -395,9 +395,12 @@ class SettledIds:
         self._minute_of[key] = shared
         self._minutes.setdefault(minute, []).append(key)
 
-    def update(self, settled: Mapping[Key, float]) -> None:
+    def update(self, settled: Mapping[Key, float], since: float = -math.inf) -> None:
+        """Add the ids of `settled`, but for those that `prune(since)` would forget."""
+        point = settled_prune_point(since) if since > -math.inf else since
         for ref, created_at in settled.items():
-            self.add(ref, created_at)
+            if created_at >= point:
+                self.add(ref, created_at)
 
     def prune(self, before: float) -> None:
         """Forget the ids created before `settled_prune_point(before)`."""

@@ -559,14 +559,16 @@ class Store:
                 for i, p in delta.pending_upserts.items()
             ),
         )
+        prune_point = settled_prune_point(delta.prune_settled_before)
         c.executemany(
             "INSERT OR REPLACE INTO settled VALUES (?,?,?)",
-            ((project, id_of(ref), created) for ref, created in delta.settled_ids.items()),
+            (
+                (project, id_of(ref), created)
+                for ref, created in delta.settled_ids.items()
+                if created >= prune_point  # below it, deleted in this same commit
+            ),
         )
-        c.execute(
-            "DELETE FROM settled WHERE project=? AND created_at<?",
-            (project, settled_prune_point(delta.prune_settled_before)),
-        )
+        c.execute("DELETE FROM settled WHERE project=? AND created_at<?", (project, prune_point))
         for table, increments in (
             ("totals", delta.totals),
             ("totals_by_country", delta.by_country),

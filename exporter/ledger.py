@@ -304,15 +304,18 @@ class _Tiers:
 
 @dataclass(slots=True)
 class _MiddleDue:
-    """The middle tier's messages due this poll: per minute of creation, the count and bounds of
-    those no listing of the plan covers yet; and the most overdue, covered or not (the first
-    found among equals)."""
+    """The middle tier's messages due this poll: per minute of creation, the count, the bounds
+    and the least recent observation of those no listing of the plan covers yet; and the most
+    overdue, covered or not (the first found among equals)."""
 
     found: int = 0
-    minutes: dict[int, list[float]] = field(default_factory=dict)  # minute -> [count, lo, hi]
+    # minute -> [count, lowest and highest created_at, least recently observed]
+    minutes: dict[int, list[float]] = field(default_factory=dict)
     most_overdue: list[tuple[float, int, Key, float]] = field(default_factory=list)  # a heap
 
-    def add(self, key: Key, created_at: float, overdue: float, covered: bool) -> None:
+    def add(
+        self, key: Key, created_at: float, observed_at: float, overdue: float, covered: bool
+    ) -> None:
         self.found += 1
         item = (overdue, -self.found, key, created_at)
         if len(self.most_overdue) < MIDDLE_GETS_PER_POLL:
@@ -324,11 +327,12 @@ class _MiddleDue:
         minute = int(created_at // MINUTE)
         bounds = self.minutes.get(minute)
         if bounds is None:
-            self.minutes[minute] = [1, created_at, created_at]
+            self.minutes[minute] = [1, created_at, created_at, observed_at]
         else:
             bounds[0] += 1
             bounds[1] = min(bounds[1], created_at)
             bounds[2] = max(bounds[2], created_at)
+            bounds[3] = min(bounds[3], observed_at)
 
 
 @dataclass(slots=True)
@@ -520,8 +524,8 @@ class Ledger:
 
     def _refresh_middle(self, tiers: _Tiers, choice: _Choice, now: float) -> None:
         """The middle tier's due messages, on the recent tier's polls (or when it has none, or
-        after a burst of receipts): a listing of the oldest ones' range (up to
-        rules.refresh_records re-listed) when it takes fewer requests than getting each; else
+        after a burst of receipts): a listing of their range, from the one seen longest ago and up
+        to rules.refresh_records re-listed, when it takes fewer requests than getting each; else
         the most overdue by id, MIDDLE_GETS_PER_POLL a poll, unless a listing of this poll
         covers them anyway."""
         # Only where pending messages are most of what was created (a receipt outage, not the
@@ -536,7 +540,7 @@ class Ledger:
                 self._probe_middle(tiers, choice, now)
             return
         if dense and due.minutes:
-            low, high, count = self._oldest_within_cap(due.minutes)
+            low, high, count = self._least_seen_within_cap(due.minutes)
             if self._pages(low, high) < count:
                 choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
                 return
@@ -564,18 +568,20 @@ class Ledger:
                 unseen = now - observed
                 wait = max((now - created) / MIDDLE_AGE_DIVISOR, min_wait)
                 if burst or unseen >= wait:
-                    due.add(key, created, unseen / wait, choice.covers(created))
+                    due.add(key, created, observed, unseen / wait, choice.covers(created))
             pending.set_seen_bound(minute, least_seen)  # exact again
         return due
 
-    def _oldest_within_cap(self, minutes: dict[int, list[float]]) -> tuple[float, float, int]:
-        """The oldest due messages whose range a listing re-lists in at most
-        rules.refresh_records records (a minute's at least): lowest and highest created_at, and
-        how many."""
+    def _least_seen_within_cap(self, minutes: dict[int, list[float]]) -> tuple[float, float, int]:
+        """The due messages from the minute of the one seen longest ago (the oldest among
+        equals) on, as far as a listing re-lists at most rules.refresh_records records (a
+        minute's at least): their lowest and highest created_at, and how many. A burst's
+        listings thus move on from poll to poll even where no receipt has come."""
         cap = max(1, self.rules.refresh_records // self.rules.page_size)
+        start = min(minutes, key=lambda m: (minutes[m][3], m))
         low, high, count = math.inf, -math.inf, 0
-        for minute in sorted(minutes):
-            n, lo, hi = minutes[minute]
+        for minute in sorted(m for m in minutes if m >= start):
+            n, lo, hi, _ = minutes[minute]
             if count and self._pages(low, hi) > cap:
                 break
             low, high, count = min(low, lo), hi, count + int(n)

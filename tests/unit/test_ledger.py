@@ -409,6 +409,34 @@ def test_many_old_pending_messages_are_refreshed_by_a_listing_of_their_range() -
     assert plan.listings[1:] == ((low - LISTING_SLACK, high + LISTING_SLACK),)
 
 
+def test_a_listing_of_old_pending_messages_re_lists_at_most_refresh_records_least_seen_first() -> (
+    None
+):
+    # 10 a page, at most 100 records a refresh listing: 10 pages.
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10, refresh_records=100)
+    now = T0 + 5000
+    base = (now - 3600) // 60 * 60  # three whole minutes of 60 pending messages each
+    old = [msg(f"m{i}", "sent", base + i) for i in range(180)]
+    poll(ledger, T0 + 10, *old)
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    for m in old:
+        aged(ledger, m.id, 1000, now)  # all overdue
+    plan = ledger.plan(now)
+    # The first minute takes 6 pages; with the second it would take 12: the first only.
+    assert plan.listings[1:] == ((base - LISTING_SLACK, base + 59 + LISTING_SLACK),)
+    assert plan.get_ids == ()
+    batch = ledger.begin(plan)
+    batch.observe_all(old[:60], now)  # re-listed, still pending
+    ledger.apply(batch.close(now, now))
+    # The next poll takes the next minute, the one after the last.
+    later = ledger.plan(now + 10)
+    assert later.listings[1:] == ((base + 60 - LISTING_SLACK, base + 119 + LISTING_SLACK),)
+    # After a burst of receipts every old one is due: the listing stays within its bound, and
+    # goes on from the ones seen longest ago (not the first minute again).
+    ledger._receipt_burst = True
+    assert ledger.plan(now + 10).listings[1:] == later.listings[1:]
+
+
 def test_many_old_pending_none_due_are_probed_by_one_get_of_the_one_seen_longest_ago() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
     now = T0 + 5000
@@ -533,6 +561,22 @@ def reference_tiers(ledger: Ledger, now: float, head: float) -> ReferenceTiers:
     return tiers
 
 
+def reference_within_cap(ledger: Ledger, due: list[Due]) -> list[Due]:
+    """From the minute of the one seen longest ago (the oldest among equals), those whose range
+    takes at most refresh_records records (a minute at least)."""
+    if not due:
+        return due
+    first = min(due, key=lambda item: (item[1].observed_at, item[1].created_at))
+    due = [(i, p) for i, p in due if p.created_at // 60 >= first[1].created_at // 60]
+    low = min(p.created_at for _, p in due)
+    cap = max(1, ledger.rules.refresh_records // ledger.rules.page_size)
+    return [
+        (i, p)
+        for i, p in due
+        if int(p.created_at // 60) == int(low // 60) or ledger._pages(low, p.created_at) <= cap
+    ]
+
+
 def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     """The refresh tiers message by message, in the most direct form: the plan must agree."""
     state, rules = ledger.state, ledger.rules
@@ -581,14 +625,8 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
         middle = [x for x in middle if x[0] >= 1.0]
     if middle and (recent_due or not recent or burst):
         due = [(i, p) for _, (i, p) in middle if not covered(p.created_at)]
+        due = reference_within_cap(ledger, due)
         low = min((p.created_at for _, p in due), default=0.0)
-        # The oldest due whose range takes at most refresh_records records (a minute at least).
-        cap = max(1, rules.refresh_records // rules.page_size)
-        due = [
-            (i, p)
-            for i, p in due
-            if int(p.created_at // 60) == int(low // 60) or ledger._pages(low, p.created_at) <= cap
-        ]
         high = max((p.created_at for _, p in due), default=0.0)
         if due and dense and ledger._pages(low, high) < len(due):
             # A listing of their range takes fewer requests than getting each.
@@ -1004,6 +1042,21 @@ def test_a_catch_up_makes_complete_until_follow_it() -> None:
         assert step.window_end is not None
         assert ledger.state.complete_until == min(now - 600, step.window_end - LISTING_SLACK)
     assert steps > 1 and ledger.state.complete_until == now - 600
+
+
+def test_a_catch_up_step_near_now_lists_from_the_cursor_unless_a_late_sweep_is_due() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0, page_size=10)
+    # 50 records below the cursor, above the floor: from the floor a listing takes 5 pages more.
+    poll(ledger, T0 + 10, *(msg(f"m{i}", "delivered", T0 + 300 + i) for i in range(50)))
+    ledger.state.cursor, ledger.state.complete_until = T0 + 560, T0 + 250
+    assert ledger.state.floor == T0 + 249
+    step = ledger.catch_up_step(T0 + 1260)  # 700 s behind; complete_until 410 s short of due
+    assert step is not None and step.window_end == T0 + 620
+    assert step.created_after == T0 + 560 - LISTING_SLACK  # not again from the floor
+    assert step.floor == T0 + 249  # what it meets above the floor is still new
+    # A late sweep due (complete_until a late_sweep_period behind now less the delay): from it.
+    swept = ledger.catch_up_step(T0 + 3000)
+    assert swept is not None and swept.created_after == T0 + 249
 
 
 def test_a_quiet_project_sweeps_from_the_floor_when_it_costs_no_page_more() -> None:

@@ -370,3 +370,13 @@ def test_a_set_reading_records_from_the_file_forgets_a_removed_one() -> None:
     pending.put(msg("a"), T0)
     assert pending.remove("a")
     assert pending.record("a") is None and len(pending) == 0
+
+
+def test_settled_ids_below_the_prune_point_are_not_taken_in() -> None:
+    settled = {"a": 100.0, "b": 119.0, "c": 120.0, "d": 200.0}
+    taken = SettledIds()
+    taken.update(settled, since=130.0)  # pruned from 120, the start of its minute
+    pruned = SettledIds()
+    pruned.update(settled)
+    pruned.prune(130.0)
+    assert taken == pruned and sorted(taken) == ["c", "d"]

@@ -437,6 +437,37 @@ def test_a_listing_of_old_pending_messages_re_lists_at_most_refresh_records_leas
     assert ledger.plan(now + 10).listings[1:] == later.listings[1:]
 
 
+def test_of_old_pending_messages_equally_overdue_the_first_found_is_got() -> None:
+    # One a page: a listing of their range takes as many requests as getting each, so gets.
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1)
+    now = T0 + 5000
+    poll(ledger, T0 + 10, msg("a", "sent", now - 3600), msg("z", "sent", now - 2400))
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    aged(ledger, "a", 1800, now)  # waits a quarter of its age, 900 s: twice overdue
+    aged(ledger, "z", 1200, now)  # 600 s: twice overdue too
+    assert ledger.plan(now).get_ids == ("a",)  # the older, found first
+    assert len(ledger.plan(now).listings) == 1
+
+
+def test_old_pending_messages_are_listed_only_where_they_are_at_least_half_of_the_records() -> None:
+    now = T0 + 5000
+
+    def plan_with(settled: int) -> PollPlan:
+        ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+        pending = [msg(f"m{i}", "sent", now - 3600 + i) for i in range(20)]
+        others = (msg(f"s{i}", "delivered", now - 3600 + i + 0.5) for i in range(settled))
+        poll(ledger, T0 + 10, *pending, *others)
+        ledger.state.cursor = ledger.state.complete_until = now - 30
+        for m in pending:
+            aged(ledger, m.id, 1000, now)  # all overdue
+        return ledger.plan(now)
+
+    half = plan_with(20)  # 20 pending of 40 records: a receipt outage's density, listed
+    assert half.get_ids == () and len(half.listings) == 2
+    fewer = plan_with(21)  # 20 of 41: a trickle, got by id, the most overdue one a poll
+    assert len(fewer.get_ids) == 1 and len(fewer.listings) == 1
+
+
 def test_many_old_pending_none_due_are_probed_by_one_get_of_the_one_seen_longest_ago() -> None:
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
     now = T0 + 5000
@@ -455,6 +486,37 @@ def test_many_old_pending_none_due_are_probed_by_one_get_of_the_one_seen_longest
     for m in old[:3]:
         aged(sparse, m.id, 300, now)
     assert sparse.plan(now).get_ids == ()
+
+
+def test_the_probe_waits_the_recent_tier_period_and_finds_the_one_seen_longest_ago() -> None:
+    now = T0 + 5000
+
+    def ledger_with(seen_ago: dict[str, list[float]], recent: int = 0) -> Ledger:
+        ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
+        old = [msg(f"m{i}", "sent", now - 3600 - i) for i in range(40)]
+        old += [msg(f"n{i}", "sent", now - 3000 - i) for i in range(40)]  # ten minutes later
+        fresh = (msg(f"r{i}", "delivered", now - 300 + i * 0.5) for i in range(recent))
+        poll(ledger, T0 + 10, *old, *fresh)
+        ledger.state.cursor = ledger.state.complete_until = now - 30
+        for m in old:
+            aged(ledger, m.id, 300, now)  # none due
+        for message_id, agos in seen_ago.items():
+            for ago in agos:
+                aged(ledger, message_id, ago, now)
+        return ledger
+
+    wait = new_ledger().schedule().recent_every * 10.0  # the recent tier's period: 40 s
+    assert wait == 40.0
+    everyone = {f"{p}{i}": [wait - 10] for p in "mn" for i in range(40)}
+    assert ledger_with(everyone).plan(now).get_ids == ()  # all seen within the period
+    assert ledger_with({**everyone, "m3": [wait]}).plan(now).get_ids == ("m3",)
+    # A minute's bound is a lower bound: m5 was seen 3000 s ago, then again 100 s ago; n7, seen
+    # 1000 s ago, is the one seen longest ago.
+    assert ledger_with({"m5": [3000, 100], "n7": [1000]}).plan(now).get_ids == ("n7",)
+    # Within a minute, the best may come after worse ones.
+    assert ledger_with({"m1": [500], "m2": [350], "m3": [1000]}).plan(now).get_ids == ("m3",)
+    # Many recent records do not make a listing of the old ones' minutes look dearer.
+    assert ledger_with({"m3": [1000]}, recent=500).plan(now).get_ids == ("m3",)
 
 
 def test_a_receipt_for_an_old_pending_message_refreshes_all_the_old_ones_at_the_next_poll() -> None:
@@ -1057,6 +1119,40 @@ def test_a_catch_up_step_near_now_lists_from_the_cursor_unless_a_late_sweep_is_d
     # A late sweep due (complete_until a late_sweep_period behind now less the delay): from it.
     swept = ledger.catch_up_step(T0 + 3000)
     assert swept is not None and swept.created_after == T0 + 249
+
+
+def test_a_catch_up_step_lists_from_the_floor_when_that_costs_no_page_more() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0, page_size=10)
+    poll(ledger, T0 + 10)
+    ledger.state.cursor, ledger.state.complete_until = T0 + 560, T0 + 250
+    step = ledger.catch_up_step(T0 + 1260)  # nothing between the floor and the cursor
+    assert step is not None and step.created_after == T0 + 249
+    # Only the records up to the window's end count: 15 below the cursor take a page more
+    # there, whatever comes after the window (11 more: 2 pages from the cursor on, as many).
+    poll(ledger, T0 + 10, *(msg(f"b{i}", "delivered", T0 + 300 + i) for i in range(15)))
+    poll(ledger, T0 + 10, *(msg(f"a{i}", "delivered", T0 + 700 + i) for i in range(11)))
+    ledger.state.cursor, ledger.state.complete_until = T0 + 560, T0 + 250
+    step = ledger.catch_up_step(T0 + 1260)
+    assert step is not None and step.window_end == T0 + 620
+    assert step.created_after == T0 + 560 - LISTING_SLACK
+    # 6 below the cursor fit the same page: from the floor, what comes after the window aside.
+    cheap = new_ledger(max_ingestion_delay=600.0, page_size=10)
+    poll(cheap, T0 + 10, *(msg(f"b{i}", "delivered", T0 + 300 + i) for i in range(6)))
+    poll(cheap, T0 + 10, *(msg(f"a{i}", "delivered", T0 + 700 + i) for i in range(5)))
+    cheap.state.cursor, cheap.state.complete_until = T0 + 560, T0 + 250
+    step = cheap.catch_up_step(T0 + 1260)
+    assert step is not None and step.created_after == T0 + 249
+
+
+def test_a_late_sweep_is_due_once_complete_until_is_a_whole_period_behind() -> None:
+    ledger = new_ledger(max_ingestion_delay=600.0, page_size=10)
+    poll(ledger, T0 + 10, *(msg(f"m{i}", "delivered", T0 + 300 + i) for i in range(50)))
+    ledger.state.cursor, ledger.state.complete_until = T0 + 560, T0 + 250
+    period = ledger.schedule().late_sweep_period
+    due = T0 + 250 + 600 + period  # now less the delay is a whole period past complete_until
+    before, at = ledger.catch_up_step(due - 1), ledger.catch_up_step(due)
+    assert before is not None and before.created_after == T0 + 560 - LISTING_SLACK
+    assert at is not None and at.created_after == T0 + 249
 
 
 def test_a_quiet_project_sweeps_from_the_floor_when_it_costs_no_page_more() -> None:

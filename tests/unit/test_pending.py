@@ -227,6 +227,10 @@ def test_each_minute_lists_its_messages_once_whatever_comes_and_goes() -> None:
                 assert len(listed) == len(set(listed)) == pending.count_in(minute)
                 expected = {i for i, m in truth.items() if int(m.created_at // MINUTE) == minute}
                 assert set(listed) == expected
+                # scan reads the same messages, by key, with when they were created and seen.
+                assert [(id_of(k), c, o) for k, c, o in pending.scan(minute)] == [
+                    (i, e.created_at, e.observed_at) for i, e in pending.in_minute(minute)
+                ]
     assert {i: pending.record(i) for i in pending} == truth
     assert sum(pending.counts.values()) == len(truth) == len(pending)
 
@@ -380,3 +384,21 @@ def test_settled_ids_below_the_prune_point_are_not_taken_in() -> None:
     pruned.update(settled)
     pruned.prune(130.0)
     assert taken == pruned and sorted(taken) == ["c", "d"]
+
+
+def test_scan_gives_each_message_of_a_minute_by_key_with_its_created_and_seen_times() -> None:
+    pending = PendingSet()
+    minute = int(T0 // MINUTE)
+    uid = "0a1b2c3d-0000-4000-8000-00000000abcd"
+    pending.put(msg(uid, created=T0 + 5.25), T0 + 100.75)
+    pending.put(msg("other", created=T0 + 59.5), T0 + 70)
+    pending.put(msg("next", created=T0 + 60), T0 + 70)
+    assert list(pending.scan(minute)) == [
+        (key_of(uid), T0 + 5.25, T0 + 5.25 + 95),  # seen to the second below
+        ("other", T0 + 59.5, T0 + 59.5 + 10),
+    ]
+    assert list(pending.scan(minute + 1)) == [("next", T0 + 60, T0 + 70)]
+    pending.put(msg("other", created=T0 + 61), T0 + 80)  # moved: listed in its new minute only
+    assert [k for k, _, _ in pending.scan(minute)] == [key_of(uid)]
+    assert [k for k, _, _ in pending.scan(minute + 1)] == ["next", "other"]
+    assert list(pending.scan(minute + 2)) == []

@@ -510,13 +510,22 @@ def test_the_probe_waits_the_recent_tier_period_and_finds_the_one_seen_longest_a
     everyone = {f"{p}{i}": [wait - 10] for p in "mn" for i in range(40)}
     assert ledger_with(everyone).plan(now).get_ids == ()  # all seen within the period
     assert ledger_with({**everyone, "m3": [wait]}).plan(now).get_ids == ("m3",)
-    # A minute's bound is a lower bound: m5 was seen 3000 s ago, then again 100 s ago; n7, seen
-    # 1000 s ago, is the one seen longest ago.
-    assert ledger_with({"m5": [3000, 100], "n7": [1000]}).plan(now).get_ids == ("n7",)
+    # None is due yet (an hour old: every 900 s; n*, 50 minutes: every 750 s).
+    assert ledger_with({"m5": [850, 100], "n7": [700]}).plan(now).get_ids == ("n7",)
+    # A minute's bound is a lower bound: every one was seen 880 s ago (a plan makes the bounds
+    # exact), then again 300 s ago, n7 700 s ago. The m* minutes, not yet worth a look at their
+    # age, keep their bound of 880 s; n7 is still the one seen longest ago.
+    stale = ledger_with({})
+    for message_id in sorted(stale.state.pending):
+        aged(stale, message_id, 880, now)
+    stale.plan(now)
+    for message_id in sorted(stale.state.pending):
+        aged(stale, message_id, 700 if message_id == "n7" else 300, now)
+    assert stale.plan(now).get_ids == ("n7",)
     # Within a minute, the best may come after worse ones.
-    assert ledger_with({"m1": [500], "m2": [350], "m3": [1000]}).plan(now).get_ids == ("m3",)
+    assert ledger_with({"m1": [500], "m2": [350], "m3": [800]}).plan(now).get_ids == ("m3",)
     # Many recent records do not make a listing of the old ones' minutes look dearer.
-    assert ledger_with({"m3": [1000]}, recent=500).plan(now).get_ids == ("m3",)
+    assert ledger_with({"m3": [800]}, recent=500).plan(now).get_ids == ("m3",)
 
 
 def test_a_receipt_for_an_old_pending_message_refreshes_all_the_old_ones_at_the_next_poll() -> None:

@@ -284,6 +284,19 @@ def test_second_commit_accumulates_replaces_and_prunes(store: Store, path: str) 
     }
 
 
+def test_settled_ids_from_the_prune_point_on_are_kept_below_it_never_written(
+    store: Store, path: str
+) -> None:
+    store.load("production", NOW - 500, 0.0)
+    point = (NOW - 300) // 60 * 60  # settled ids are kept down to the start of this minute
+    settled = {"below": point - 0.5, "at": point, "above": point + 30.0}
+    store.commit(
+        "production", PollDelta(cursor=NOW, settled_ids=settled, prune_settled_before=point + 10)
+    )
+    store.close()
+    assert sorted(reopened(path).settled) == ["above", "at"]
+
+
 def test_projects_do_not_share_state(store: Store, path: str) -> None:
     store.load("production", NOW, 0.0)
     store.load("staging", NOW, 0.0)

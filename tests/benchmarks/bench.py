@@ -536,9 +536,9 @@ def ingest_ratio(records: int, workdir: Path, insight: bool = True) -> tuple[flo
         batch.observe_all(parse_records(decode(page)["data"], invalid, ledger.state.settled), now)
         # What the daemon's refresh would bring back for messages past their timeout.
         for message_id in (*plan.get_ids, *plan.timeout_due):
-            pending = ledger.state.pending.get(message_id)
-            if pending is not None:
-                batch.observe(pending.message, now)
+            record = ledger.state.pending.record(message_id)
+            if record is not None:
+                batch.observe(record, now)
         delta = batch.close(now, now)
         store.commit("ingest", delta)
         ledger.apply(delta)

@@ -90,9 +90,9 @@ HISTOGRAM_BUCKET = 60
 # where that takes fewer requests than gets.
 BURST_RECEIPTS = 100
 BURST_SHARE = 0.1
-# A listing that refreshes older pending messages re-lists about this many records at most (the
-# oldest due first; the others wait for the next polls): what a poll holds stays bounded whatever
-# the pending set, as a catch-up step's does.
+# A listing that refreshes older pending messages re-lists about this many records at most (from
+# the one seen longest ago; the others wait for the next polls): what a poll holds stays bounded
+# whatever the pending set, as a catch-up step's does.
 REFRESH_RECORDS = 50_000
 
 

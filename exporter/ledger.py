@@ -533,6 +533,8 @@ class Ledger:
         dense = self._dense(tiers.middle_minutes)
         burst = self._receipt_burst and dense
         if tiers.recent and not tiers.recent_due and not burst:
+            if dense:  # between the recent tier's polls, one get tells whether receipts came
+                self._probe_middle(tiers, choice, now)
             return
         due = self._middle_due(tiers, choice, now, burst)
         if not due.found:

@@ -491,12 +491,15 @@ def test_many_old_pending_none_due_are_probed_by_one_get_of_the_one_seen_longest
 def test_the_probe_waits_the_recent_tier_period_and_finds_the_one_seen_longest_ago() -> None:
     now = T0 + 5000
 
-    def ledger_with(seen_ago: dict[str, list[float]], recent: int = 0) -> Ledger:
+    def ledger_with(
+        seen_ago: dict[str, list[float]], recent: int = 0, fresh: bool = False
+    ) -> Ledger:
         ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10)
         old = [msg(f"m{i}", "sent", now - 3600 - i) for i in range(40)]
         old += [msg(f"n{i}", "sent", now - 3000 - i) for i in range(40)]  # ten minutes later
-        fresh = (msg(f"r{i}", "delivered", now - 300 + i * 0.5) for i in range(recent))
-        poll(ledger, T0 + 10, *old, *fresh)
+        settled = (msg(f"r{i}", "delivered", now - 300 + i * 0.5) for i in range(recent))
+        young = [msg("fresh", "sent", now - 100)] if fresh else []  # in the recent tier
+        poll(ledger, T0 + 10, *old, *settled, *young)
         ledger.state.cursor = ledger.state.complete_until = now - 30
         for m in old:
             aged(ledger, m.id, 300, now)  # none due
@@ -526,6 +529,11 @@ def test_the_probe_waits_the_recent_tier_period_and_finds_the_one_seen_longest_a
     assert ledger_with({"m1": [500], "m2": [350], "m3": [800]}).plan(now).get_ids == ("m3",)
     # Many recent records do not make a listing of the old ones' minutes look dearer.
     assert ledger_with({"m3": [800]}, recent=500).plan(now).get_ids == ("m3",)
+    # Between the recent tier's polls too (a recent one, seen 10 s ago, is not due): one get.
+    between = ledger_with({"m3": [800]}, fresh=True)
+    aged(between, "fresh", 10, now)
+    plan = between.plan(now)
+    assert plan.get_ids == ("m3",) and len(plan.listings) == 1
 
 
 def test_a_receipt_for_an_old_pending_message_refreshes_all_the_old_ones_at_the_next_poll() -> None:
@@ -707,8 +715,9 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
             for _, (message_id, pending) in middle[:MIDDLE_GETS_PER_POLL]:
                 if not covered(pending.created_at):
                     gets.append(message_id)
-    elif (recent_due or not recent or burst) and dense:
-        # None of the middle tier due: a probe, the one seen longest ago, if it has waited.
+    elif dense:
+        # None of the middle tier due, or not a recent tier's poll: a probe, the one seen longest
+        # ago, if it has waited.
         probes = [
             (p.observed_at, p.created_at, i)
             for i, p in state.pending.items()

@@ -24,7 +24,9 @@ max_ingestion_delay). `complete_until` marks where every record is sure to have 
 listing from the floor made at time t has seen every record created before t minus the delay.
 The floor is `complete_until` (or the cursor, if lower), so a record that first shows behind the
 cursor is still new above it, and counted; a late sweep, a listing from the floor every
-`Schedule.late_sweep_period`, moves `complete_until` on.
+`Schedule.late_sweep_period`, moves `complete_until` on. It reaches up to max_ingestion_delay
+before now, where it moves `complete_until` to, as a listing of its own beside the head listing
+(or, where that takes no more pages, as the head listing itself).
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ class PollPlan:
     timeout_due: frozenset[str]  # past settle.timeout, refreshed (and settled) this poll
     window_end: float | None = None  # a catch-up step: the listing's created_before
     floor: float | None = None  # unknown records created before this are ignored (None: horizon)
+    late_sweep_end: float | None = None  # listings[1] is a late sweep, up to this created_at
 
     @property
     def sweeps(self) -> bool:
@@ -366,6 +369,7 @@ class Ledger:
         self._last_head: float | None = None
         self._late_ages = late_ages()
         self._schedule: Schedule | None = None
+        self._traffic_moved = False  # since the cadence was computed
         # The last poll settled many pending messages by their receipts: the older ones are
         # likely to have theirs too, so the next poll refreshes the whole middle tier.
         self._receipt_burst = False
@@ -410,19 +414,37 @@ class Ledger:
         return self._schedule
 
     def head_start(self, now: float, cadence: Schedule) -> float:
-        """Where this poll's head listing starts: from the floor when a late sweep is due, from
-        the cursor when a sweep is due (or after a restart), else a little before the previous
-        head listing."""
+        """Where this poll's head listing starts: from the floor when a late sweep is due (and
+        not listed on its own), from the cursor when a sweep is due (or after a restart), else a
+        little before the previous head listing."""
         state = self.state
         horizon = state.cursor - LISTING_SLACK
         last = self._last_head
         sweep = last is None or now - state.cursor >= CURSOR_SAFETY + cadence.sweep_period
-        if self._from_floor(now, cadence, None, sweep):
+        start = horizon if sweep or last is None else max(horizon, last - cadence.head_overlap)
+        late_apart = self._late_sweep_end(now, cadence, start) is not None
+        if not late_apart and self._from_floor(now, cadence, None, sweep):
             return state.floor
-        if sweep:
-            return horizon
-        assert last is not None
-        return max(horizon, last - cadence.head_overlap)
+        return start
+
+    def _late_sweep_end(self, now: float, cadence: Schedule, head: float) -> float | None:
+        """Where a late sweep listed apart from the head listing ends: max_ingestion_delay before
+        now (every record created before has shown by now, and the newer ones are not complete
+        anyway). None when no late sweep is due, or when one listing from the floor up to now,
+        as the head listing, takes no more pages than the two."""
+        state = self.state
+        floor = state.floor
+        if head <= floor or floor >= state.cursor - LISTING_SLACK:
+            return None
+        delay = self.rules.max_ingestion_delay
+        if now - delay - state.complete_until < cadence.late_sweep_period:
+            return None
+        end = now - delay + LISTING_SLACK
+        if end >= head:
+            return None
+        if self._pages(floor, end) + self._pages(head, None) >= self._pages(floor, None):
+            return None
+        return end
 
     def _from_floor(self, now: float, cadence: Schedule, until: float | None, sweep: bool) -> bool:
         """Whether a listing up to `until` starts from the floor, below the cursor: when a late
@@ -442,18 +464,34 @@ class Ledger:
         cadence = self.schedule()
         horizon = self.state.cursor - LISTING_SLACK
         head = self.head_start(now, cadence)
+        if head <= horizon and self._traffic_moved:
+            # The cadence follows the traffic at sweeps only. Between them the recent tier keeps
+            # the age its last sweep re-listed: were it to grow, the messages that sweep left to
+            # the middle tier would be due at once, and a poll later sweep again.
+            self._schedule, self._traffic_moved = None, False
+            cadence = self.schedule()
+            head = self.head_start(now, cadence)
+        floor = self.state.floor
+        late_end = self._late_sweep_end(now, cadence, head)
         tiers = self._tiers(now, head, cadence)
         choice = _Choice(head_after=head)
+        if late_end is not None:  # the first range: the refreshes take it as covering
+            choice.ranges.append((floor, late_end))
         self._refresh_recent(tiers, choice, horizon)
         self._refresh_timed_out(tiers, choice)
         self._refresh_middle(tiers, choice, now)
+        if late_end is not None and choice.head_after <= late_end:
+            # A refresh took the head listing down to the late sweep: one listing of the two.
+            choice.head_after, late_end = floor, None
+            del choice.ranges[0]
         return PollPlan(
             now,
             ((choice.head_after, None), *choice.ranges),
             horizon,
             tuple(choice.gets),
             choice.timeout_due,
-            floor=self.state.floor,
+            floor=floor,
+            late_sweep_end=late_end,
         )
 
     def _tiers(self, now: float, head: float, cadence: Schedule) -> _Tiers:
@@ -660,7 +698,7 @@ class Ledger:
             self._last_head = delta.head_started
         if delta.receipt_ages or delta.sightings:
             self._late_ages.extend(delta.receipt_ages)
-            self._schedule = None  # the traffic has moved: recompute the cadence
+            self._traffic_moved = True  # the cadence is recomputed at the next sweep
         pending = state.pending
         # A burst of receipts: many at once, or one for a message past the recent tier.
         recent_age = self.schedule().recent_age
@@ -948,13 +986,17 @@ class Batch:
 
     def _new_complete_until(self, listing_started: float) -> float:
         state = self.ledger.state
-        if self.plan.listings[0][0] > self._floor:
+        plan = self.plan
+        if plan.late_sweep_end is not None:  # listed after the head: it has seen as much
+            end = plan.late_sweep_end
+        elif plan.listings[0][0] <= self._floor:
+            end = math.inf if plan.window_end is None else plan.window_end
+        else:
             return state.complete_until
         # A listing from the floor, started at listing_started, has seen every record that had
-        # appeared by then: all those created max_ingestion_delay before, at the latest.
-        complete = listing_started - self.ledger.rules.max_ingestion_delay
-        if self.plan.window_end is not None:
-            complete = min(complete, self.plan.window_end - LISTING_SLACK)
+        # appeared by then: all those created max_ingestion_delay before, at the latest (those
+        # up to its end: created_before is inclusive or exclusive, one second less either way).
+        complete = min(listing_started - self.ledger.rules.max_ingestion_delay, end - LISTING_SLACK)
         # Nothing before the floor can be new: it predates the start point, or SignalWire's
         # history limit has taken it out of reach.
         return max(state.complete_until, complete, self._floor)

@@ -359,7 +359,7 @@ class ProjectPoller:
         plan, head = self._listing(plan)
         batch = self.ledger.begin(plan)
         server_time: float | None = None
-        ranges = (self.client.list_pages(a, b) for a, b in plan.listings[1:])
+        ranges = (self._range(a, b, plan.now) for a, b in plan.listings[1:])
         low, high = math.inf, -math.inf  # creation times listed in a catch-up step
         span = (plan.window_end or plan.now) - plan.listings[0][0]
         for number, page in enumerate(chain(head, *ranges), start=1):
@@ -471,6 +471,28 @@ class ProjectPoller:
             pages = self.client.list_pages(after, before)
             first = next(pages, None)
         return plan, _prepend(first, pages)
+
+    def _range(self, after: float, before: float | None, now: float) -> Iterator[Page]:
+        """The pages of a listing after the first (a refresh or a late sweep): past SignalWire's
+        history limit, from the oldest time it allows, as the first listing does."""
+        pages = self.client.list_pages(after, before)
+        try:
+            first = next(pages, None)
+        except ApiError as exc:
+            if exc.code != HISTORY_LIMIT_CODE:
+                raise
+            allowed = self.client.oldest_listable(after, now)
+            self.log.warning(
+                "a listing reaches beyond SignalWire's history limit; listed from the oldest "
+                "time it allows",
+                skipped_from=format_timestamp(after),
+                skipped_to=format_timestamp(allowed),
+            )
+            if before is not None and allowed > before:
+                return
+            pages = self.client.list_pages(allowed, before)
+            first = next(pages, None)
+        yield from _prepend(first, pages)
 
     def _refresh_by_id(self, batch: Batch, ids: Any) -> None:
         for message_id in ids:

@@ -15,14 +15,17 @@ page or a get-by-id. The tiers, youngest first:
 * past settle.timeout, in batches every `timeout_every` polls (at least `TIMEOUT_MIN_PERIOD`
   apart: a batch's listing costs about the same pages whatever its length);
 * the late sweep, every `late_sweep_period`: one listing from where every record is sure to have
-  been seen (max_ingestion_delay back), so a record the log shows late is counted however late
-  it shows. Each record is listed by about (period + delay) / period late sweeps: a period of
-  three times the delay (at least `LATE_SWEEP_MIN_PERIOD`) keeps that to 1.33 extra listings of
-  each record at the default delay, fewer for longer periods, while a late record is counted
-  within period + delay at the latest (most are sooner: every listing that meets one counts it).
+  been seen, up to max_ingestion_delay before now (beside the head listing, or as the head
+  listing where that takes no more pages), so a record the log shows late is counted however
+  late it shows. Each record is listed by one late sweep, whatever the period, plus a part-filled
+  page a sweep; the period (three times the delay, at least `LATE_SWEEP_MIN_PERIOD`) bounds the
+  wait: a late record is counted within period + delay at the latest (most are sooner: every
+  listing that meets one counts it).
 
 `recent_age` follows the ages at which pending messages were seen to settle (their late
 receipts: nearly all of them, `RECENT_AGE_QUANTILE`), within [`MIN_RECENT_AGE`, `MAX_RECENT_AGE`].
+The ledger recomputes the schedule at sweeps only, so the recent tier keeps, between two sweeps,
+the age the first one re-listed.
 """
 
 from __future__ import annotations

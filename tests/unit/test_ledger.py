@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -656,10 +657,30 @@ def reference_within_cap(ledger: Ledger, due: list[Due]) -> list[Due]:
     ]
 
 
+def reference_probe(
+    ledger: Ledger, now: float, head: float, covered: Callable[[float], bool]
+) -> list[str]:
+    """None of the middle tier due, or not a recent tier's poll: a probe, the one seen longest
+    ago, if it has waited."""
+    state, cadence, timeout = ledger.state, ledger.schedule(), ledger.rules.settle.timeout
+    probes = [
+        (p.observed_at, p.created_at, i)
+        for i, p in state.pending.items()
+        if p.created_at < min(head, now - cadence.recent_age) and p.created_at + timeout > now
+    ]
+    minutes = {int(created // 60) for _, created, _ in probes}
+    many = sum(int(p.created_at // 60) in minutes for _, p in state.pending.items())
+    if probes and ledger._pages(min(minutes) * 60, max(minutes) * 60) < many:
+        seen, created, message_id = min(probes)
+        if now - seen >= cadence.recent_every * ledger.rules.poll_interval and not covered(created):
+            return [message_id]
+    return []
+
+
 def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     """The refresh tiers message by message, in the most direct form: the plan must agree."""
     state, rules = ledger.state, ledger.rules
-    interval, timeout = rules.poll_interval, rules.settle.timeout
+    timeout = rules.settle.timeout
     cadence = ledger.schedule()
     horizon = state.cursor - LISTING_SLACK
     head = ledger.head_start(now, cadence)
@@ -669,6 +690,9 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     recent_due, timeout_due = tiers.recent_due, tiers.timeout_due
     head_after = head
     ranges: list[tuple[float, float | None]] = []
+    late_end = ledger._late_sweep_end(now, cadence, head)  # tested on its own
+    if late_end is not None:
+        ranges.append((state.floor, late_end))
     gets: list[str] = []
 
     def covered(created: float) -> bool:
@@ -716,20 +740,18 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
                 if not covered(pending.created_at):
                     gets.append(message_id)
     elif dense:
-        # None of the middle tier due, or not a recent tier's poll: a probe, the one seen longest
-        # ago, if it has waited.
-        probes = [
-            (p.observed_at, p.created_at, i)
-            for i, p in state.pending.items()
-            if p.created_at < min(head, now - cadence.recent_age) and p.created_at + timeout > now
-        ]
-        minutes = {int(created // 60) for _, created, _ in probes}
-        many = sum(int(p.created_at // 60) in minutes for _, p in state.pending.items())
-        if probes and ledger._pages(min(minutes) * 60, max(minutes) * 60) < many:
-            seen, created, message_id = min(probes)
-            if now - seen >= cadence.recent_every * interval and not covered(created):
-                gets.append(message_id)
-    return PollPlan(now, ((head_after, None), *ranges), horizon, tuple(gets), refreshed)
+        gets += reference_probe(ledger, now, head, covered)
+    if late_end is not None and head_after <= late_end:
+        head_after, late_end = state.floor, None
+        ranges.pop(0)
+    return PollPlan(
+        now,
+        ((head_after, None), *ranges),
+        horizon,
+        tuple(gets),
+        refreshed,
+        late_sweep_end=late_end,
+    )
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -759,10 +781,11 @@ def test_the_plan_agrees_with_the_tiers_message_by_message(seed: int) -> None:
         ledger._receipt_burst = bool(burst)  # as after a poll that settled many by receipts
         for at in (now, now + rng.random() * 3000):
             plan, expected = ledger.plan(at), reference_plan(ledger, at)
-            assert (plan.listings, plan.horizon, plan.timeout_due) == (
+            assert (plan.listings, plan.horizon, plan.timeout_due, plan.late_sweep_end) == (
                 expected.listings,
                 expected.horizon,
                 expected.timeout_due,
+                expected.late_sweep_end,
             )
             # Which pending messages come in which order may differ; the set may not.
             assert sorted(plan.get_ids) == sorted(expected.get_ids)
@@ -894,8 +917,43 @@ def test_pending_messages_settled_by_a_receipt_record_their_age_for_the_schedule
     poll(ledger, created, *(msg(f"p{i}", "sent", created) for i in range(200)))
     for i in range(200):  # one receipt per poll, 60 s to 259 s after creation
         poll(ledger, created + 60 + i, msg(f"p{i}", "delivered", created))
-    # The 99.9th percentile of the 201 ages (45, 60 ... 259) is 259, widened by the margin.
+    # The cadence takes the ages in at the next sweep: the 99.9th percentile of the 201 ages
+    # (45, 60 ... 259) is 259, widened by the margin.
+    assert ledger.schedule().recent_age < 259.0 * 1.25
+    due = ledger.state.cursor + CURSOR_SAFETY + ledger.schedule().sweep_period
+    assert ledger.plan(due).sweeps
     assert ledger.schedule().recent_age == pytest.approx(259.0 * 1.25)
+
+
+def test_between_sweeps_the_recent_tier_keeps_the_age_its_last_sweep_re_listed() -> None:
+    ledger = new_ledger(
+        settle=SettleConfig(timeout=7200.0), max_ingestion_delay=0.0, page_size=1000
+    )
+    receipted = [msg(f"p{i}", "sent", T0 + 10) for i in range(100)]
+    poll(ledger, T0 + 10, *receipted)
+    # 100 receipts 60 s after creation; two messages older than the recent tier will be.
+    poll(
+        ledger,
+        T0 + 70,
+        *(m._replace(status="delivered") for m in receipted),
+        msg("old", "sent", T0 + 20),
+        msg("late", "sent", T0 + 15),
+    )
+    sweep = ledger.plan(T0 + 110)
+    assert sweep.sweeps
+    assert ledger.schedule().recent_age == pytest.approx(75.0)  # 60 s, widened by the margin
+    batch = ledger.begin(sweep)
+    batch.observe(msg("late", "delivered", T0 + 15), T0 + 110)  # a receipt 95 s late
+    ledger.apply(batch.close(T0 + 110, T0 + 110))
+    # That receipt widens the recent tier to "old" (created 90 s before), which the sweep left to
+    # the middle tier: not until the next sweep, or the next poll would sweep again for it.
+    plan = ledger.plan(T0 + 120)
+    assert not plan.sweeps and ledger.schedule().recent_age == pytest.approx(75.0)
+    poll(ledger, T0 + 120)
+    due = ledger.state.cursor + CURSOR_SAFETY + ledger.schedule().sweep_period
+    assert due == T0 + 150
+    assert ledger.plan(due).sweeps
+    assert ledger.schedule().recent_age == pytest.approx(95.0 * 1.25)
 
 
 def test_no_catch_up_step_while_the_head_listings_keep_up() -> None:
@@ -1078,8 +1136,12 @@ def test_the_late_sweep_lists_from_the_floor_and_moves_complete_until() -> None:
         batch = [msg(f"m{serial + i}", "delivered", now - i / 2) for i in range(20)]
         serial += 20
         plan = ledger.plan(now)
-        if plan.created_after == ledger.state.floor:
+        if plan.created_after == ledger.state.floor or plan.late_sweep_end is not None:
             swept.append(now)
+            if now >= T0 + 700:  # a late sweep of 2,400 s, 600 of them listed by the head too
+                assert plan.created_after > ledger.state.floor, "listed apart from the head"
+                assert plan.listings[1] == (ledger.state.floor, now - 600 + LISTING_SLACK)
+                assert plan.late_sweep_end == now - 600 + LISTING_SLACK
             poll(ledger, now, *batch)
             assert ledger.state.complete_until == max(T0, now - 600)
         else:
@@ -1093,6 +1155,38 @@ def test_the_late_sweep_lists_from_the_floor_and_moves_complete_until() -> None:
     # the delay, about every period.
     moving = [t for t in swept if t >= T0 + 700]
     assert len(moving) == 2 and moving[1] - moving[0] == pytest.approx(period, abs=10)
+
+
+def late_sweep_due(page_size: int) -> tuple[Ledger, float]:
+    """A ledger with one record a second since T0, and a late sweep due (from T0, up to 600 s
+    before now)."""
+    ledger = new_ledger(max_ingestion_delay=600.0, page_size=page_size)
+    ledger.state.complete_until = T0
+    now = T0 + 600 + ledger.schedule().late_sweep_period
+    ledger.state.cursor = now - CURSOR_SAFETY
+    for i in range(int(now - T0)):
+        ledger._count_sighting(T0 + i)
+    return ledger, now
+
+
+def test_a_late_sweep_is_listed_apart_only_where_it_ends_before_the_head_listing() -> None:
+    ledger, now = late_sweep_due(page_size=10)
+    cadence = ledger.schedule()
+    end = now - 600 + LISTING_SLACK
+    assert ledger._late_sweep_end(now, cadence, now - 10) == end
+    assert ledger._late_sweep_end(now, cadence, end) is None
+    assert ledger._late_sweep_end(now, cadence, T0) is None, "the head lists from the floor"
+    assert ledger._late_sweep_end(now - 1, cadence, now - 10) is None, "not due yet"
+    plan = ledger.plan(now)  # a process's first poll: the head sweeps from the cursor
+    assert plan.listings == ((now - CURSOR_SAFETY - LISTING_SLACK, None), (T0, end))
+    assert plan.late_sweep_end == end
+
+
+def test_a_late_sweep_is_the_head_listing_where_that_takes_no_more_pages() -> None:
+    ledger, now = late_sweep_due(page_size=1000)  # 2 pages up to its end, 3 up to now
+    assert ledger._late_sweep_end(now, ledger.schedule(), now - 10) is None
+    plan = ledger.plan(now)
+    assert plan.listings == ((T0, None),) and plan.late_sweep_end is None
 
 
 def test_a_short_delay_needs_no_late_sweep() -> None:

@@ -695,6 +695,8 @@ def test_the_schedule_follows_the_rules_and_the_traffic() -> None:
     minute = (T0 // 60) * 60 + 600
     sightings = {minute - 300 + 3.2 * i: 1 for i in range(75)}
     ledger.apply(PollDelta(cursor=minute + 30, sightings=sightings))
+    assert ledger.schedule().head_overlap == 30.0, "no traffic seen until the next sweep"
+    assert ledger.plan(minute + 40).sweeps  # a process's first poll sweeps
     assert ledger.schedule().head_overlap == pytest.approx(22.0)
     assert ledger.schedule().interval == 10.0
 

@@ -7,6 +7,7 @@ import functools
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,33 @@ def test_beyond_the_history_limit_it_lists_what_is_left_instead_of_failing(
     refusals = counters.state().api_requests[("prod", "422")]
     assert poller.poll_once()
     assert counters.state().api_requests[("prod", "422")] == refusals
+
+
+def test_a_later_listing_beyond_the_history_limit_lists_what_is_left_instead_of_failing(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    simulator.history_limit = 300.0
+    simulator.add_message(
+        PID,
+        direction="outbound-api",
+        kind="sms",
+        created_at=NOW - 200,  # within the limit, before the head listing
+        segments=1,
+        timeline=[Step(0, "delivered", charge=0.01)],
+    )
+    poller, _ = make_poller(tmp_path, simulator, start_from=600.0)
+    assert poller.ledger is not None
+    plan = replace(
+        poller.ledger.plan(NOW),
+        listings=((NOW - 30, None), (NOW - 600, NOW - 100), (NOW - 900, NOW - 400)),
+        floor=NOW - 600,
+    )
+    with capture_logs() as logs:
+        delta = poller._collect(plan)
+    assert delta is not None and delta.new_messages == 1, "the second listing, from the limit on"
+    skipped = [e for e in logs if "history limit" in e["event"]]
+    assert [e["log_level"] for e in skipped] == ["warning", "warning"]
+    assert skipped[0]["skipped_from"] == format_timestamp(NOW - 600)
 
 
 def test_a_poll_whose_answers_arrive_after_stop_is_abandoned_uncommitted(

@@ -369,7 +369,6 @@ class Ledger:
         self._last_head: float | None = None
         self._late_ages = late_ages()
         self._schedule: Schedule | None = None
-        self._traffic_moved = False  # since the cadence was computed
         # The last poll settled many pending messages by their receipts: the older ones are
         # likely to have theirs too, so the next poll refreshes the whole middle tier.
         self._receipt_burst = False
@@ -433,18 +432,14 @@ class Ledger:
         anyway). None when no late sweep is due, or when one listing from the floor up to now,
         as the head listing, takes no more pages than the two."""
         state = self.state
-        floor = state.floor
-        if head <= floor or floor >= state.cursor - LISTING_SLACK:
-            return None
         delay = self.rules.max_ingestion_delay
         if now - delay - state.complete_until < cadence.late_sweep_period:
             return None
         end = now - delay + LISTING_SLACK
-        if end >= head:
+        if end >= head:  # the head listing reaches it (from the floor, say): one listing
             return None
-        if self._pages(floor, end) + self._pages(head, None) >= self._pages(floor, None):
-            return None
-        return end
+        pages = self._pages(state.floor, end) + self._pages(head, None)
+        return None if pages >= self._pages(state.floor, None) else end
 
     def _from_floor(self, now: float, cadence: Schedule, until: float | None, sweep: bool) -> bool:
         """Whether a listing up to `until` starts from the floor, below the cursor: when a late
@@ -464,13 +459,13 @@ class Ledger:
         cadence = self.schedule()
         horizon = self.state.cursor - LISTING_SLACK
         head = self.head_start(now, cadence)
-        if head <= horizon and self._traffic_moved:
-            # The cadence follows the traffic at sweeps only. Between them the recent tier keeps
-            # the age its last sweep re-listed: were it to grow, the messages that sweep left to
-            # the middle tier would be due at once, and a poll later sweep again.
-            self._schedule, self._traffic_moved = None, False
+        if head <= horizon:
+            # The cadence follows the traffic at sweeps only (where the head listing starts does
+            # not depend on it then). Between them the recent tier keeps the age its last sweep
+            # re-listed: were it to grow, the messages that sweep left to the middle tier would
+            # be due at once, and a poll later sweep again.
+            self._schedule = None
             cadence = self.schedule()
-            head = self.head_start(now, cadence)
         floor = self.state.floor
         late_end = self._late_sweep_end(now, cadence, head)
         tiers = self._tiers(now, head, cadence)
@@ -696,9 +691,7 @@ class Ledger:
             state.complete_until = delta.complete_until
         if delta.head_started is not None:
             self._last_head = delta.head_started
-        if delta.receipt_ages or delta.sightings:
-            self._late_ages.extend(delta.receipt_ages)
-            self._traffic_moved = True  # the cadence is recomputed at the next sweep
+        self._late_ages.extend(delta.receipt_ages)  # the cadence takes them in at a sweep
         pending = state.pending
         # A burst of receipts: many at once, or one for a message past the recent tier.
         recent_age = self.schedule().recent_age

@@ -1189,6 +1189,23 @@ def test_a_late_sweep_is_the_head_listing_where_that_takes_no_more_pages() -> No
     assert plan.listings == ((T0, None),) and plan.late_sweep_end is None
 
 
+def test_a_refresh_reaching_down_to_the_late_sweep_makes_the_two_one_listing() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), max_ingestion_delay=600.0)
+    now = T0 + 600 + 1800
+    # 50 recent pending messages, the oldest 598 s old: the recent tier re-lists from it.
+    poll(ledger, T0 + 10, *(msg(f"r{i}", "sent", now - 598 + 10 * i) for i in range(50)))
+    for i in range(1200):  # 120 pages before the late sweep's end
+        ledger._count_sighting(T0 + i)
+    ledger.state.complete_until = T0
+    ledger.state.cursor = now - CURSOR_SAFETY
+    cadence = ledger.schedule()
+    end = now - 600 + LISTING_SLACK
+    assert ledger._late_sweep_end(now, cadence, ledger.head_start(now, cadence)) == end
+    plan = ledger.plan(now)
+    # The recent tier's listing starts at its oldest less a second: the late sweep's end.
+    assert plan.listings == ((T0, None),) and plan.late_sweep_end is None
+
+
 def test_a_short_delay_needs_no_late_sweep() -> None:
     ledger = new_ledger(max_ingestion_delay=10.0)  # within the cursor's own margin
     now = T0 + 100

@@ -454,13 +454,8 @@ class ProjectPoller:
         the span it had to skip, instead of failing every poll for good.
         """
         after, before = plan.listings[0]
-        pages = self.client.list_pages(after, before)
-        try:
-            first = next(pages, None)
-        except ApiError as exc:
-            if exc.code != HISTORY_LIMIT_CODE:
-                raise
-            allowed = self.client.oldest_listable(after, plan.now)
+        pages, allowed = self._opened(after, before, plan.now)
+        if allowed is not None:
             self.log.error(
                 "messages beyond SignalWire's history limit are not counted",
                 skipped_from=format_timestamp(after),
@@ -468,20 +463,14 @@ class ProjectPoller:
             )
             plan = self._moved(plan, allowed)
             after, before = plan.listings[0]
-            pages = self.client.list_pages(after, before)
-            first = next(pages, None)
-        return plan, _prepend(first, pages)
+            pages = self._started(after, before)
+        return plan, pages
 
     def _range(self, after: float, before: float | None, now: float) -> Iterator[Page]:
         """The pages of a listing after the first (a refresh or a late sweep): past SignalWire's
         history limit, from the oldest time it allows, as the first listing does."""
-        pages = self.client.list_pages(after, before)
-        try:
-            first = next(pages, None)
-        except ApiError as exc:
-            if exc.code != HISTORY_LIMIT_CODE:
-                raise
-            allowed = self.client.oldest_listable(after, now)
+        pages, allowed = self._opened(after, before, now)
+        if allowed is not None:
             self.log.warning(
                 "a listing reaches beyond SignalWire's history limit; listed from the oldest "
                 "time it allows",
@@ -490,9 +479,25 @@ class ProjectPoller:
             )
             if before is not None and allowed > before:
                 return
-            pages = self.client.list_pages(allowed, before)
-            first = next(pages, None)
-        yield from _prepend(first, pages)
+            pages = self._started(allowed, before)
+        yield from pages
+
+    def _opened(
+        self, after: float, before: float | None, now: float
+    ) -> tuple[Iterator[Page], float | None]:
+        """A listing's pages, the first asked for at once; past SignalWire's history limit, none,
+        and the oldest time a listing is accepted from."""
+        try:
+            return self._started(after, before), None
+        except ApiError as exc:
+            if exc.code != HISTORY_LIMIT_CODE:
+                raise
+            return iter(()), self.client.oldest_listable(after, now)
+
+    def _started(self, after: float, before: float | None) -> Iterator[Page]:
+        """A listing's pages, the first asked for at once (a refusal raises here)."""
+        pages = self.client.list_pages(after, before)
+        return _prepend(next(pages, None), pages)
 
     def _refresh_by_id(self, batch: Batch, ids: Any) -> None:
         for message_id in ids:

@@ -96,6 +96,10 @@ BURST_SHARE = 0.1
 # the one seen longest ago; the others wait for the next polls): what a poll holds stays bounded
 # whatever the pending set, as a catch-up step's does.
 REFRESH_RECORDS = 50_000
+# After a burst of receipts, a capped listing of older pending messages is followed at once, in
+# the same poll, by the next (each committed before the next is planned), up to this many a poll:
+# the burst settles within a poll or two, and what a step holds stays bounded.
+BURST_STEPS = 8
 
 
 @dataclass(slots=True)
@@ -240,6 +244,7 @@ class PollPlan:
     window_end: float | None = None  # a catch-up step: the listing's created_before
     floor: float | None = None  # unknown records created before this are ignored (None: horizon)
     late_sweep_end: float | None = None  # listings[1] is a late sweep, up to this created_at
+    more_due: bool = False  # its refresh listing is capped: more older pending messages are due
 
     @property
     def sweeps(self) -> bool:
@@ -346,6 +351,7 @@ class _Choice:
     ranges: list[Listing] = field(default_factory=list)
     gets: list[str] = field(default_factory=list)
     timeout_due: frozenset[str] = frozenset()
+    capped: bool = False  # older pending messages are due beyond the refresh listing
 
     def covers(self, created_at: float) -> bool:
         return created_at >= self.head_after or any(
@@ -487,7 +493,13 @@ class Ledger:
             choice.timeout_due,
             floor=floor,
             late_sweep_end=late_end,
+            more_due=choice.capped,
         )
+
+    def refresh_goes_on(self, plan: PollPlan, steps: int) -> bool:
+        """Whether, `plan` committed and applied as this poll's `steps`-th, the poll plans again
+        at once: its refresh listing was capped and it settled a burst of receipts."""
+        return plan.more_due and self._receipt_burst and steps < BURST_STEPS
 
     def _tiers(self, now: float, head: float, cadence: Schedule) -> _Tiers:
         """The pending messages due for a refresh in the recent and timeout tiers, and the
@@ -578,6 +590,7 @@ class Ledger:
             low, high, count = self._least_seen_within_cap(due.minutes)
             if self._pages(low, high) < count:
                 choice.ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+                choice.capped = count < sum(int(n) for n, *_ in due.minutes.values())
                 return
         for _, _, key, created in sorted(due.most_overdue, reverse=True):
             if not choice.covers(created):

@@ -247,6 +247,7 @@ class ProjectPoller:
         """
         assert self.ledger is not None, "load() first"
         started = self.clock()
+        steps = 0  # ordinary plans committed in this poll
         try:
             while True:
                 now = self.clock()
@@ -262,9 +263,20 @@ class ProjectPoller:
                 self.recent.add(self.clock(), delta.totals)
                 self.ledger.apply(delta)
                 self._late(delta)
-                if plan.window_end is None:
+                if plan.window_end is not None:
+                    self._stepped(plan, delta)
+                    continue
+                steps += 1
+                if not self.ledger.refresh_goes_on(plan, steps):
                     break
-                self._stepped(plan, delta)
+                # A burst of receipts: its next capped listing at once, this one published.
+                self._last_success = self.clock()
+                self._publish(polled=True, up=True, duration=self.view.last_duration, error=None)
+                self.log.info(
+                    "refreshing pending messages after a burst of receipts",
+                    settled=delta.settled_count,
+                    pending=self.view.pending_total,
+                )
         except AuthError as exc:
             self._auth_failures += 1
             if self._reload_token():

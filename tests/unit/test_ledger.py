@@ -12,6 +12,7 @@ import pytest
 
 from exporter.config import SettleConfig
 from exporter.ledger import (
+    BURST_STEPS,
     CURSOR_SAFETY,
     LISTING_SLACK,
     MAX_NEW_LABEL_VALUES,
@@ -426,6 +427,17 @@ def test_a_listing_of_old_pending_messages_re_lists_at_most_refresh_records_leas
     # The first minute takes 6 pages; with the second it would take 12: the first only.
     assert plan.listings[1:] == ((base - LISTING_SLACK, base + 59 + LISTING_SLACK),)
     assert plan.get_ids == ()
+    # More are due: after a burst of receipts the poll would plan the next listing at once.
+    assert plan.more_due and not ledger.refresh_goes_on(plan, 1), "no burst"
+    ledger._receipt_burst = True
+    assert ledger.refresh_goes_on(plan, 1) and ledger.refresh_goes_on(plan, BURST_STEPS - 1)
+    assert not ledger.refresh_goes_on(plan, BURST_STEPS)
+    uncapped = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10, refresh_records=180)
+    uncapped.state = ledger.state
+    uncapped._histogram = ledger._histogram
+    assert uncapped.plan(now).listings[1:] == ((base - 1, base + 179 + 1),)
+    assert not uncapped.plan(now).more_due, "all of them in one listing"
+    ledger._receipt_burst = False
     batch = ledger.begin(plan)
     batch.observe_all(old[:60], now)  # re-listed, still pending
     ledger.apply(batch.close(now, now))
@@ -691,6 +703,7 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     head_after = head
     ranges: list[tuple[float, float | None]] = []
     late_end = ledger._late_sweep_end(now, cadence, head)  # tested on its own
+    more_due = False
     if late_end is not None:
         ranges.append((state.floor, late_end))
     gets: list[str] = []
@@ -727,13 +740,14 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     if not burst:
         middle = [x for x in middle if x[0] >= 1.0]
     if middle and (recent_due or not recent or burst):
-        due = [(i, p) for _, (i, p) in middle if not covered(p.created_at)]
-        due = reference_within_cap(ledger, due)
+        uncovered = [(i, p) for _, (i, p) in middle if not covered(p.created_at)]
+        due = reference_within_cap(ledger, uncovered)
         low = min((p.created_at for _, p in due), default=0.0)
         high = max((p.created_at for _, p in due), default=0.0)
         if due and dense and ledger._pages(low, high) < len(due):
             # A listing of their range takes fewer requests than getting each.
             ranges.append((low - LISTING_SLACK, high + LISTING_SLACK))
+            more_due = len(due) < len(uncovered)
         else:
             middle.sort(key=lambda item: item[0], reverse=True)
             for _, (message_id, pending) in middle[:MIDDLE_GETS_PER_POLL]:
@@ -751,6 +765,7 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
         tuple(gets),
         refreshed,
         late_sweep_end=late_end,
+        more_due=more_due,
     )
 
 
@@ -781,11 +796,18 @@ def test_the_plan_agrees_with_the_tiers_message_by_message(seed: int) -> None:
         ledger._receipt_burst = bool(burst)  # as after a poll that settled many by receipts
         for at in (now, now + rng.random() * 3000):
             plan, expected = ledger.plan(at), reference_plan(ledger, at)
-            assert (plan.listings, plan.horizon, plan.timeout_due, plan.late_sweep_end) == (
+            assert (
+                plan.listings,
+                plan.horizon,
+                plan.timeout_due,
+                plan.late_sweep_end,
+                plan.more_due,
+            ) == (
                 expected.listings,
                 expected.horizon,
                 expected.timeout_due,
                 expected.late_sweep_end,
+                expected.more_due,
             )
             # Which pending messages come in which order may differ; the set may not.
             assert sorted(plan.get_ids) == sorted(expected.get_ids)

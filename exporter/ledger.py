@@ -481,6 +481,7 @@ class Ledger:
         self._refresh_recent(tiers, choice, horizon)
         self._refresh_timed_out(tiers, choice)
         self._refresh_middle(tiers, choice, now)
+        self._recent_joins_burst(tiers, choice, horizon)
         if late_end is not None and choice.head_after <= late_end:
             # A refresh took the head listing down to the late sweep: one listing of the two.
             choice.head_after, late_end = floor, None
@@ -548,9 +549,24 @@ class Ledger:
         oldest = tiers.recent_oldest
         extra = self._pages(oldest, None) - self._pages(choice.head_after, None)
         if extra < len(tiers.recent):
-            choice.head_after = min(oldest - LISTING_SLACK, horizon)
+            choice.head_after = min(choice.head_after, oldest - LISTING_SLACK, horizon)
         else:
             choice.gets += map(id_of, tiers.recent)
+
+    def _recent_joins_burst(self, tiers: _Tiers, choice: _Choice, horizon: float) -> None:
+        """After a burst of receipts where older pending messages are most of what was created
+        (a carrier's delayed receipts arriving), the recent tier's are likely in too: it is
+        refreshed in this poll rather than at its period, where its listing and the plan's
+        other refresh listings re-list at most rules.refresh_records records together."""
+        if tiers.recent_due or not tiers.recent or not self._receipt_burst:
+            return
+        if not self._dense(tiers.middle_minutes):
+            return
+        records = self._records(tiers.recent_oldest, None)
+        records += sum(self._records(low, high) for low, high in choice.ranges)
+        if records <= self.rules.refresh_records:
+            tiers.recent_due = True
+            self._refresh_recent(tiers, choice, horizon)
 
     def _refresh_timed_out(self, tiers: _Tiers, choice: _Choice) -> None:
         """Messages past settle.timeout, when a batch is due: within the head listing's reach,
@@ -675,14 +691,17 @@ class Ledger:
 
     def _pages(self, since: float, until: float | None) -> int:
         """Pages a listing of [since, until] takes, from the first sightings per minute."""
+        return max(1, math.ceil(self._records(since, until) / self.rules.page_size))
+
+    def _records(self, since: float, until: float | None) -> int:
+        """Records a listing of [since, until] re-lists (whole minutes of first sightings)."""
         first = int(since // HISTOGRAM_BUCKET)
         last = None if until is None else int(until // HISTOGRAM_BUCKET)
-        count = sum(
+        return sum(
             n
             for minute, n in self._histogram.items()
             if minute >= first and (last is None or minute <= last)
         )
-        return max(1, math.ceil(count / self.rules.page_size))
 
     def _count_sighting(self, created_at: float) -> None:
         minute = int(created_at // HISTOGRAM_BUCKET)

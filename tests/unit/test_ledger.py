@@ -450,6 +450,31 @@ def test_a_listing_of_old_pending_messages_re_lists_at_most_refresh_records_leas
     assert ledger.plan(now + 10).listings[1:] == later.listings[1:]
 
 
+@pytest.mark.parametrize("cap, minutes, joins", [(200, 3, True), (100, 1, False)])
+def test_after_a_burst_the_recent_tier_is_refreshed_too_where_it_fits_the_cap(
+    cap: int, minutes: int, joins: bool
+) -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=10, refresh_records=cap)
+    now = T0 + 5000
+    base = (now - 3600) // 60 * 60  # three whole minutes of 60 old pending messages each
+    old = [msg(f"m{i}", "sent", base + i) for i in range(180)]
+    recent = [msg(f"r{i}", "sent", now - 100 + i) for i in range(10)]
+    poll(ledger, T0 + 10, *old, *recent)
+    ledger.state.cursor = ledger.state.complete_until = now - 30
+    for m in old:
+        aged(ledger, m.id, 1000, now)
+    for m in recent:
+        aged(ledger, m.id, 10, now)  # not due for the recent tier's own period
+    assert ledger.plan(now).created_after == now - 31
+    ledger._receipt_burst = True
+    plan = ledger.plan(now)
+    # The old minutes within the cap are listed (the estimate counts whole minutes: the next
+    # one too, at the second's slack); the recent tier's 10 records fit 200 with them, not 100.
+    end = base + 60 * minutes - 1 + LISTING_SLACK
+    assert plan.listings[1:] == ((base - LISTING_SLACK, end),)
+    assert plan.created_after == (now - 100 - LISTING_SLACK if joins else now - 31)
+
+
 def test_of_old_pending_messages_equally_overdue_the_first_found_is_got() -> None:
     # One a page: a listing of their range takes as many requests as getting each, so gets.
     ledger = new_ledger(settle=SettleConfig(timeout=7200.0), page_size=1)
@@ -689,6 +714,33 @@ def reference_probe(
     return []
 
 
+def reference_recent(
+    ledger: Ledger, recent: list[Due], head: float, horizon: float, gets: list[str]
+) -> float:
+    """The recent tier refreshed: the head listing reaching back to its oldest, or gets."""
+    oldest = min(p.created_at for _, p in recent)
+    if ledger._pages(oldest, None) - ledger._pages(head, None) < len(recent):
+        return min(head, oldest - LISTING_SLACK, horizon)
+    gets += [i for i, _ in recent]
+    return head
+
+
+def reference_recent_in_burst(
+    ledger: Ledger,
+    recent: list[Due],
+    ranges: list[tuple[float, float | None]],
+    head: float,
+    horizon: float,
+    gets: list[str],
+) -> float:
+    """A burst: the recent tier too, if it fits with the other refresh listings."""
+    oldest = min(p.created_at for _, p in recent)
+    records = ledger._records(oldest, None) + sum(ledger._records(a, b) for a, b in ranges)
+    if records <= ledger.rules.refresh_records:
+        return reference_recent(ledger, recent, head, horizon, gets)
+    return head
+
+
 def reference_plan(ledger: Ledger, now: float) -> PollPlan:
     """The refresh tiers message by message, in the most direct form: the plan must agree."""
     state, rules = ledger.state, ledger.rules
@@ -712,11 +764,7 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
         return created >= head_after or any(lo <= created <= (hi or now) for lo, hi in ranges)
 
     if recent_due and recent:
-        oldest = min(p.created_at for _, p in recent)
-        if ledger._pages(oldest, None) - ledger._pages(head, None) < len(recent):
-            head_after = min(oldest - LISTING_SLACK, horizon)
-        else:
-            gets += [i for i, _ in recent]
+        head_after = reference_recent(ledger, recent, head_after, horizon, gets)
     refreshed: frozenset[str] = frozenset()
     if timeout_due and timed_out:
         refreshed = frozenset(i for i, _ in timed_out)
@@ -755,6 +803,8 @@ def reference_plan(ledger: Ledger, now: float) -> PollPlan:
                     gets.append(message_id)
     elif dense:
         gets += reference_probe(ledger, now, head, covered)
+    if recent and not recent_due and ledger._receipt_burst and dense:
+        head_after = reference_recent_in_burst(ledger, recent, ranges, head_after, horizon, gets)
     if late_end is not None and head_after <= late_end:
         head_after, late_end = state.floor, None
         ranges.pop(0)

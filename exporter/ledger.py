@@ -658,10 +658,10 @@ class Ledger:
 
     def _probe_middle(self, tiers: _Tiers, choice: _Choice, now: float) -> None:
         """With none of the middle tier due but many of them (a listing of their minutes would
-        take fewer requests than gets), get the one seen longest ago unless a poll interval has
-        not passed since: one request a poll that tells whether receipts are arriving for the old
-        ones (a burst then refreshes them all at the next poll). A trickle of old pending messages
-        is left to its own pace."""
+        take fewer requests than gets), get the one seen longest ago if it has waited the recent
+        tier's period: one request that tells whether receipts are arriving for the old ones (a
+        burst then refreshes them all at the next poll). A trickle of old pending messages is
+        left to its own pace."""
         pending = self.state.pending
         minutes = tiers.middle_minutes
         if not minutes:
@@ -669,7 +669,7 @@ class Ledger:
         many = sum(pending.count_in(m) for m in minutes)
         if self._pages(min(minutes) * MINUTE, max(minutes) * MINUTE) >= many:
             return
-        min_wait = self.rules.poll_interval
+        min_wait = self.schedule().recent_every * self.rules.poll_interval
         best: tuple[float, float, str] | None = None
         # The minutes' bounds are lower bounds: scan in their order until none can hold better.
         for bound, minute in sorted((pending.seen_bound(m), m) for m in tiers.middle_minutes):

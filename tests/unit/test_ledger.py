@@ -526,7 +526,7 @@ def test_many_old_pending_none_due_are_probed_by_one_get_of_the_one_seen_longest
     assert sparse.plan(now).get_ids == ()
 
 
-def test_the_probe_waits_a_poll_interval_and_finds_the_one_seen_longest_ago() -> None:
+def test_the_probe_waits_the_recent_tier_period_and_finds_the_one_seen_longest_ago() -> None:
     now = T0 + 5000
 
     def ledger_with(
@@ -546,8 +546,9 @@ def test_the_probe_waits_a_poll_interval_and_finds_the_one_seen_longest_ago() ->
                 aged(ledger, message_id, ago, now)
         return ledger
 
-    wait = 10.0  # a poll interval: all seen by the last poll, a get would tell nothing new
-    everyone = {f"{p}{i}": [wait - 5] for p in "mn" for i in range(40)}
+    wait = new_ledger().schedule().recent_every * 10.0  # the recent tier's period: 40 s
+    assert wait == 40.0
+    everyone = {f"{p}{i}": [wait - 10] for p in "mn" for i in range(40)}
     assert ledger_with(everyone).plan(now).get_ids == ()  # all seen within the period
     assert ledger_with({**everyone, "m3": [wait]}).plan(now).get_ids == ("m3",)
     # None is due yet (an hour old: every 900 s; n*, 50 minutes: every 750 s).
@@ -708,7 +709,7 @@ def reference_probe(
     many = sum(int(p.created_at // 60) in minutes for _, p in state.pending.items())
     if probes and ledger._pages(min(minutes) * 60, max(minutes) * 60) < many:
         seen, created, message_id = min(probes)
-        if now - seen >= ledger.rules.poll_interval and not covered(created):
+        if now - seen >= cadence.recent_every * ledger.rules.poll_interval and not covered(created):
             return [message_id]
     return []
 

@@ -265,6 +265,7 @@ class ProjectPoller:
                 self._late(delta)
                 if plan.window_end is not None:
                     self._stepped(plan, delta)
+                    del delta  # not held while the next step is listed
                     continue
                 steps += 1
                 if not self.ledger.refresh_goes_on(plan, steps):
@@ -277,6 +278,7 @@ class ProjectPoller:
                     settled=delta.settled_count,
                     pending=self.view.pending_total,
                 )
+                del delta  # not held while the next listing is taken in
         except AuthError as exc:
             self._auth_failures += 1
             if self._reload_token():

@@ -12,6 +12,8 @@ import pytest
 
 from exporter.config import SettleConfig
 from exporter.ledger import (
+    BURST_RECEIPTS,
+    BURST_SHARE,
     BURST_STEPS,
     CURSOR_SAFETY,
     LISTING_SLACK,
@@ -287,6 +289,46 @@ def test_unknown_records_older_than_the_floor_are_ignored() -> None:
     assert ("outbound-api", "sms", "failed", "") not in totals(ledger)
 
 
+def test_past_the_history_limit_everything_before_it_is_complete() -> None:
+    # A listing moved up to the oldest time SignalWire allows: nothing before can be new, even
+    # where max_ingestion_delay would leave the listing's own span incomplete.
+    ledger = new_ledger(max_ingestion_delay=3600.0)
+    now = T0 + 100_000
+    allowed = now - 600
+    plan = ledger.plan(now)
+    moved = dataclasses.replace(plan, listings=((allowed, None),), horizon=allowed, floor=allowed)
+    batch = ledger.begin(moved)
+    batch.observe(msg("a", "delivered", now - 300), now)
+    ledger.apply(batch.close(now, now))
+    assert ledger.state.complete_until == allowed
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
+
+
+def test_a_settled_id_just_above_the_floor_is_kept_when_the_floor_is_at_a_minute_s_edge() -> None:
+    # Settled ids are pruned a whole minute at a time: with the floor a second before a minute,
+    # the minute before it is kept (its last second can still be re-listed).
+    ledger = new_ledger(max_ingestion_delay=0.0)
+    now = T0 + 1230
+    poll(ledger, now, msg("a", "delivered", T0 + 1199.5))
+    assert ledger.state.floor == T0 + 1199
+    poll(ledger, now + 10, msg("a", "delivered", T0 + 1199.5))
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
+
+
+def test_a_message_seen_pending_then_final_in_one_poll_is_settled_not_left_pending() -> None:
+    # The head listing shows it sent; a later listing of the same poll shows it delivered.
+    ledger = new_ledger()
+    now = T0 + 100
+    batch = ledger.begin(ledger.plan(now))
+    batch.observe(msg("a", "sent", T0 + 50), now)
+    batch.observe(msg("a", "delivered", T0 + 50), now + 1)
+    delta = batch.close(now + 1, now)
+    assert delta.pending_upserts == {}
+    ledger.apply(delta)
+    assert len(ledger.state.pending) == 0
+    assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 1
+
+
 def test_settled_ids_are_kept_while_they_can_be_re_listed() -> None:
     ledger = new_ledger()
     poll(ledger, T0 + 100, msg("a", "delivered", T0 + 95))
@@ -450,7 +492,10 @@ def test_a_listing_of_old_pending_messages_re_lists_at_most_refresh_records_leas
     assert ledger.plan(now + 10).listings[1:] == later.listings[1:]
 
 
-@pytest.mark.parametrize("cap, minutes, joins", [(200, 3, True), (100, 1, False)])
+# 180 old records and the recent tier's 10 fit 190 exactly; not 189 (nor the old ones' 180 alone).
+@pytest.mark.parametrize(
+    "cap, minutes, joins", [(200, 3, True), (190, 3, True), (189, 3, False), (100, 1, False)]
+)
 def test_after_a_burst_the_recent_tier_is_refreshed_too_where_it_fits_the_cap(
     cap: int, minutes: int, joins: bool
 ) -> None:
@@ -599,6 +644,29 @@ def test_a_receipt_for_an_old_pending_message_refreshes_all_the_old_ones_at_the_
     assert totals(ledger)[("outbound-api", "sms", "delivered", "")][0] == 40
     # With nothing more settled, the next poll is an ordinary one again.
     assert ledger.plan(after + 10).listings[1:] == ()
+
+
+def test_a_burst_of_receipts_is_many_at_once_or_one_for_a_message_past_the_recent_tier() -> None:
+    ledger = new_ledger(settle=SettleConfig(timeout=7200.0))
+    poll(ledger, T0 + 10, *(msg(f"m{i}", "sent", T0) for i in range(2000)))
+    loaded = Ledger(ledger.rules, ledger.state)
+    assert loaded._receipt_burst is False, "a start is not a burst"
+    recent_age = ledger.schedule().recent_age
+
+    def burst(*ages: float) -> bool:
+        ledger.apply(PollDelta(cursor=ledger.state.cursor, receipt_ages=list(ages)))
+        return ledger._receipt_burst
+
+    # 2,000 pending: a tenth of them at once is many (200 receipts), one fewer is not.
+    assert BURST_SHARE * 2000 > BURST_RECEIPTS
+    assert burst(*[1.0] * 200) and not burst(*[1.0] * 199)
+    assert burst(recent_age) and not burst(recent_age - 0.5)
+    # Fewer pending: BURST_RECEIPTS at once, whatever the share.
+    small = new_ledger(settle=SettleConfig(timeout=7200.0))
+    small.apply(PollDelta(cursor=T0, receipt_ages=[1.0] * BURST_RECEIPTS))
+    assert small._receipt_burst
+    small.apply(PollDelta(cursor=T0, receipt_ages=[1.0] * (BURST_RECEIPTS - 1)))
+    assert not small._receipt_burst
 
 
 def test_timed_out_messages_are_refreshed_in_batches_by_a_range_or_by_id() -> None:

@@ -815,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"pending set of {row['messages']:,}: {row['bytes_per_pending']:.0f} bytes a "
                 f"pending message, {row['bytes_per_settled_id']:.0f} a settled id, peak RSS "
                 f"{row['peak_rss_mb']:.1f} MB; a burst of receipts settled in "
-                f"{row['burst_settle_s']:.1f} s ({row['burst_settle_polls']:.1f} polls)"
+                f"{row['burst_settle_s']:.1f} s ({row['burst_settle_polls']:.1f} polls), "
+                f"{row['delivered']:,} counted delivered"
             )
         sizes = [int(s) for s in args.scaling.split(",") if s]
         growth = scaling(workdir, sizes, results) if sizes else []

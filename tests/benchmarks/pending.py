@@ -28,7 +28,7 @@ from exporter.ledger import Ledger, LedgerState, Pending, PollDelta, Rules
 from exporter.pending import PendingSet
 from exporter.records import Message
 from exporter.simulator import Simulator, SimulatorServer, Step
-from tests.helpers import free_port, parse_metrics, pending_total, process_family
+from tests.helpers import exported_totals, free_port, parse_metrics, pending_total, process_family
 
 PROJECT_ID, TOKEN = "pending-project", "PTpending-token"
 POLL = 10.0
@@ -44,6 +44,7 @@ class PendingResult:
     bytes_per_settled_id: float
     peak_rss_mb: float
     burst_settle_s: float
+    delivered: int  # counted delivered once all settled: every one of `messages`, once
     poll: float = POLL
 
     @property
@@ -58,6 +59,7 @@ class PendingResult:
             "peak_rss_mb": self.peak_rss_mb,
             "burst_settle_s": self.burst_settle_s,
             "burst_settle_polls": self.burst_settle_polls,
+            "delivered": self.delivered,
         }
 
 
@@ -150,23 +152,26 @@ def peak_rss_mb(pid: int) -> float:
     return peak_kb / 1024
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], done: Any, limit: float) -> None:
+def _wait(url: str, proc: subprocess.Popen[bytes], done: Any, limit: float) -> Any:
+    """The first scrape for which `done` holds."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with {proc.returncode}")
         try:
-            if done(parse_metrics(requests.get(f"{url}/metrics", timeout=10).text)):
-                return
+            samples = parse_metrics(requests.get(f"{url}/metrics", timeout=10).text)
         except requests.RequestException:
-            pass
+            samples = None
+        if samples is not None and done(samples):
+            return samples
         time.sleep(0.5)
     raise RuntimeError(f"not done within {limit:.0f} s")
 
 
-def daemon_with_pending(workdir: Path, size: int, poll: float = POLL) -> tuple[float, float]:
+def daemon_with_pending(workdir: Path, size: int, poll: float = POLL) -> tuple[float, float, int]:
     """The real daemon takes in `size` pending messages, then their receipts all at once:
-    its peak RSS (both processes) and seconds from the receipts to the last settlement."""
+    its peak RSS (both processes), seconds from the receipts to the last settlement, and the
+    messages it then counts delivered."""
     context = multiprocessing.get_context("fork")
     ours, theirs = context.Pipe()
     simulator = context.Process(target=_simulator, args=(size, theirs))
@@ -205,8 +210,12 @@ def daemon_with_pending(workdir: Path, size: int, poll: float = POLL) -> tuple[f
             _wait(url, proc, lambda s: pending_total(s, "busy") == size, 600)
             ours.send("release")
             released = ours.recv()
-            _wait(url, proc, lambda s: pending_total(s, "busy") == 0, 600)
+            samples = _wait(url, proc, lambda s: pending_total(s, "busy") == 0, 600)
             settle_s = time.time() - released
+            totals = exported_totals(samples, "busy")
+            delivered = sum(
+                n for (_, _, status, _), (n, _, _) in totals.items() if status == "delivered"
+            )
             rss = peak_rss_mb(proc.pid)
         finally:
             proc.terminate()
@@ -214,11 +223,11 @@ def daemon_with_pending(workdir: Path, size: int, poll: float = POLL) -> tuple[f
     finally:
         ours.send("done")
         simulator.join(timeout=60)
-    return rss, settle_s
+    return rss, settle_s, delivered
 
 
 def pending_set(workdir: Path, size: int, poll: float = POLL) -> PendingResult:
     per_pending, per_id = heap_bytes(size)
     gc.collect()
-    rss, settle_s = daemon_with_pending(workdir, size, poll)
-    return PendingResult(size, per_pending, per_id, rss, settle_s, poll)
+    rss, settle_s, delivered = daemon_with_pending(workdir, size, poll)
+    return PendingResult(size, per_pending, per_id, rss, settle_s, delivered, poll)

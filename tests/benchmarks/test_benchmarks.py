@@ -34,7 +34,7 @@ def test_every_figure_is_measured_at_a_tiny_size(tmp_path: Path) -> None:
     assert "requests_per_1000_messages" in table(results)
     assert results["short_polls_window_messages"] > 10_000
     assert [c["counted"] for c in results["catch_up"]] == [5_000], "a catch-up counts them all"
-    assert [p["messages"] for p in results["pending"]] == [2_000]
+    assert [(p["messages"], p["delivered"]) for p in results["pending"]] == [(2_000, 2_000)]
     rows = scaling(tmp_path / "growth", [3000], results)
     assert math.isfinite(rows[0]["late_sweep_adds_requests_per_1000"])  # a figure, not a bound
     assert [row["projects"] for row in rows[1:]] == [1, 10, 100]

@@ -45,7 +45,6 @@ from exporter.pending import (
     Key,
     PendingSet,
     SettledIds,
-    as_key,
     id_of,
     key_of,
 )
@@ -734,11 +733,9 @@ class Ledger:
             pending.remove(ref)
         for message in delta.pending_upserts.values():
             pending.put(message.message, message.observed_at)
-        if delta.pending_seen:
-            removed = {as_key(ref) for ref in delta.pending_removed}
-            for ref, observed_at in delta.pending_seen.items():
-                if as_key(ref) not in removed:
-                    pending.seen(ref, observed_at)
+        # Never one just removed: a batch settles or times out only what it has not seen again.
+        for ref, observed_at in delta.pending_seen.items():
+            pending.seen(ref, observed_at)
         # Ids below the prune point would be forgotten at once: they are not taken in.
         state.settled.update(delta.settled_ids, since=delta.prune_settled_before)
         state.settled.prune(delta.prune_settled_before)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from exporter.config import SettleConfig
 from exporter.ledger import CURSOR_SAFETY, Ledger, LedgerState, PollDelta, Rules, Totals
+from exporter.pending import as_key
 from exporter.records import InvalidRecord, parse_message, parse_records
 from exporter.simulator import SimMessage, Simulator, TrafficProfile, random_message_args
 from tests.helpers import own_of, remote_of, true_country
@@ -148,6 +149,10 @@ def test_totals_equal_ground_truth_for_any_interleaving(
         for message_id in (*plan.get_ids, *batch.unrefreshed_timeout_due()):
             batch.observe(parse_message(by_id[message_id].to_json(now[0], "http://sim")), now[0])
         delta = batch.close(now[0], now[0])
+        # Ledger.apply relies on it: a message seen again unchanged is never also removed.
+        assert not {as_key(r) for r in delta.pending_seen} & {
+            as_key(r) for r in delta.pending_removed
+        }
         if fails:
             return
         ledger.apply(delta)
